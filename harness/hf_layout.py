@@ -1,0 +1,70 @@
+"""Meta <-> Hugging Face: tensor names, and the q/k row order that HF's `rotate_half` expects.
+
+Meta rotates interleaved pairs (x0, x1), (x2, x3), ...; HF rotates halves (x0, x_{d/2}), ... so wq/wk rows are permuted.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# HF name -> Meta name, with {} for the layer index (as gpt-fast's convert_hf_checkpoint.py).
+HF_TO_META = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+META_TO_HF = {meta: hf for hf, meta in HF_TO_META.items()}
+
+
+def _translate(name: str, table: dict[str, str]) -> str | None:
+    layer = re.search(r"\.(\d+)\.", name)
+    key = name.replace(f".{layer[1]}.", ".{}.", 1) if layer else name
+    if key not in table:
+        return None
+    return table[key].format(layer[1]) if layer else table[key]
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    return _translate(name, HF_TO_META)
+
+
+def meta_to_hf_name(name: str) -> str | None:
+    return _translate(name, META_TO_HF)
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved q/k rows -> HF's half-split rows, per head (the permute of convert_llama_weights_to_hf.py)."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def permute_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_to_hf`."""
+    d1, d2 = w.shape
+    return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def half_split_to_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """An HF per-head vector [..., head_dim] in half-split order -> Meta's interleaved pair order."""
+    half = x.shape[-1] // 2
+    return torch.stack([x[..., :half], x[..., half:]], dim=-1).flatten(-2)  # [..., half, 2] -> [..., head_dim]
+
+
+def heads_of(meta_name: str) -> str | None:
+    """Which head count permutes this tensor: 'n_heads' for wq, 'n_kv_heads' for wk, None otherwise."""
+    if meta_name.endswith("attention.wq.weight"):
+        return "n_heads"
+    if meta_name.endswith("attention.wk.weight"):
+        return "n_kv_heads"
+    return None

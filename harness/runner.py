@@ -1,0 +1,76 @@
+"""Run an implementation on a checkpoint and a prompt into a trace file, with the metadata every trace carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import HarnessError
+from .tokenizer import encode_prompt, load_tokenizer
+from .tracing import tracing
+
+DEFAULT_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise HarnessError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def prompt_tokens(ckpt: Checkpoint, prompt: str) -> list[int]:
+    """`[<|begin_of_text|>] + encode(prompt)`, checked against the checkpoint's vocabulary and context."""
+    if ckpt.tokenizer_path is None:
+        raise HarnessError(f"{ckpt.path}: no tokenizer.model (or tokenizer.json) in the checkpoint directory")
+    enc = load_tokenizer(ckpt.tokenizer_path)
+    if enc.n_vocab > ckpt.config.vocab_size:
+        raise HarnessError(f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is {ckpt.config.vocab_size}")
+    tokens = encode_prompt(enc, prompt)
+    if len(tokens) > ckpt.config.max_seq_len:
+        raise HarnessError(f"prompt is {len(tokens)} tokens, longer than the model's context of {ckpt.config.max_seq_len}")
+    return tokens
+
+
+def decode_token(ckpt: Checkpoint, token: int) -> str:
+    enc = load_tokenizer(ckpt.tokenizer_path)
+    return enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+
+def trace_metadata(ckpt: Checkpoint, *, implementation: str, dtype: str, tokens: list[int], prompt: str,
+                   device: str = "cpu", **extra: Any) -> dict[str, Any]:
+    config = ckpt.config
+    return dict(
+        implementation=implementation, dtype=dtype, device=device, prompt=prompt, tokens=json.dumps(tokens),
+        checkpoint=ckpt.fingerprint(), checkpoint_path=str(ckpt.path), checkpoint_format=ckpt.format,
+        config=json.dumps(config.to_dict()), n_layers=config.n_layers, n_heads=config.n_heads,
+        rope_theta=config.rope_theta, rope_scaling_factor=config.rope_scaling_factor or 0.0, **extra,
+    )  # fmt: skip
+
+
+def trace_scratch(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
+                  names: list[str] | None = None, device: str = "cpu", progress: bool = False,
+                  layer_input=None, **extra: Any) -> torch.Tensor:
+    """The from-scratch forward traced into `out`; returns the logits [T, V]."""
+    from . import scratch
+
+    torch_dtype = parse_dtype(dtype)
+    tokens = prompt_tokens(ckpt, prompt)
+    meta = trace_metadata(ckpt, implementation="scratch", dtype=dtype, tokens=tokens, prompt=prompt, device=device, **extra)
+    with tracing(out, names=names, **meta), torch.inference_mode():
+        return scratch.forward(ckpt, tokens, dtype=torch_dtype, device=device, progress=progress, layer_input=layer_input)
+
+
+def trace_implementation(impl: str, ckpt: Checkpoint, out: str | Path, **options: Any) -> torch.Tensor:
+    """`--impl scratch` or `--impl reference` into a trace file; returns the logits [T, V]."""
+    if impl == "scratch":
+        return trace_scratch(ckpt, out, **options)
+    if impl == "reference":
+        from .reference import trace_reference
+
+        return trace_reference(ckpt, out, **options)
+    raise HarnessError(f"unknown implementation {impl!r}; choose scratch or reference")

@@ -1,0 +1,160 @@
+"""The from-scratch Llama-3 forward, step by step as the llama3-from-scratch notebook writes it, with tap points.
+
+One layer's tensors are read at a time; one head at a time, as the notebook does. Shapes: T tokens, D dim, H heads,
+KV kv heads, hd head_dim, F ffn_dim, V vocab. Each step is a small function so it can be read (and mutated in tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig, rope_frequencies
+from .tracing import record
+
+LayerInput = Callable[[int], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # notebook: (tensor * torch.rsqrt(tensor.pow(2).mean(-1, keepdim=True) + norm_eps)) * norm_weights
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * weight
+
+
+def upcast(dtype: torch.dtype) -> torch.dtype:
+    """Where the notebook leaves the working dtype (RoPE, scores, softmax): float32, or float64 for a float64 run."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rope_freqs_cis(config: ModelConfig, n_tokens: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The notebook's freqs_cis: one unit complex number per (position, pair). [T, hd/2] complex."""
+    freqs = rope_frequencies(config).to(upcast(dtype))  # [hd/2], 3.1 scaling applied when configured
+    freqs_for_each_token = torch.outer(torch.arange(n_tokens, dtype=freqs.dtype), freqs)  # [T, hd/2]
+    return torch.polar(torch.ones_like(freqs_for_each_token), freqs_for_each_token).to(device)  # [T, hd/2]
+
+
+def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """RoPE: view interleaved pairs as complex numbers and multiply by freqs_cis. Stays in float32, as the notebook."""
+    pairs = x.to(freqs_cis.real.dtype).view(x.shape[0], -1, 2)  # [T, hd/2, 2]
+    as_complex = torch.view_as_complex(pairs)  # [T, hd/2]
+    rotated_pairs = torch.view_as_real(as_complex * freqs_cis)  # [T, hd/2, 2]
+    return rotated_pairs.view(x.shape)  # [T, hd]
+
+
+def kv_head_of(head: int, config: ModelConfig) -> int:
+    """Grouped-query attention: query head h reads KV head h // (n_heads / n_kv_heads) (the notebook's head // 4)."""
+    return head // config.n_rep
+
+
+def score_scale(config: ModelConfig) -> float:
+    return config.head_dim**0.5  # the notebook's (128) ** 0.5
+
+
+def causal_mask(n_tokens: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    mask = torch.full((n_tokens, n_tokens), float("-inf"), dtype=dtype, device=device)
+    return torch.triu(mask, diagonal=1)  # [T, T]: -inf above the diagonal
+
+
+def softmax(masked_scores: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.softmax(masked_scores, dim=1)  # over keys, per query row
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
+              freqs_cis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-head attention of one layer, as the notebook's loop over heads. [T, D] -> [T, D]."""
+    hd, dim = config.head_dim, config.dim
+    wq = weights["attention.wq"].view(config.n_heads, hd, dim)  # [H, hd, D]
+    wk = weights["attention.wk"].view(config.n_kv_heads, hd, dim)  # [KV, hd, D]
+    wv = weights["attention.wv"].view(config.n_kv_heads, hd, dim)  # [KV, hd, D]
+    head_outputs = []
+    for head in range(config.n_heads):
+        kv = kv_head_of(head, config)
+        q = x_norm @ wq[head].T  # [T, hd]
+        k = x_norm @ wk[kv].T  # [T, hd]
+        v = x_norm @ wv[kv].T  # [T, hd]
+        q_rotated = rotate(q, freqs_cis)  # [T, hd] float32
+        k_rotated = rotate(k, freqs_cis)  # [T, hd] float32
+        scores = (q_rotated @ k_rotated.T) / score_scale(config)  # [T, T] float32
+        probs = softmax(scores + mask).to(x_norm.dtype)  # [T, T]
+        output = probs @ v  # [T, hd]
+        for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
+                            ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+            record(f"layers.{layer}.attention.heads.{head}.{name}", value)
+        head_outputs.append(output)
+    stacked = torch.cat(head_outputs, dim=-1)  # [T, H * hd]
+    return stacked @ weights["attention.wo"].T  # [T, D]
+
+
+def feed_forward(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SwiGLU: w2(silu(w1 x) * w3 x). [T, D] -> [T, D]."""
+    gate = x_norm @ weights["feed_forward.w1"].T  # [T, F]
+    up = x_norm @ weights["feed_forward.w3"].T  # [T, F]
+    hidden = swiglu(gate, up)  # [T, F]
+    output = hidden @ weights["feed_forward.w2"].T  # [T, D]
+    record(f"layers.{layer}.feed_forward.gate", gate)
+    record(f"layers.{layer}.feed_forward.up", up)
+    record(f"layers.{layer}.feed_forward.hidden", hidden)
+    record(f"layers.{layer}.feed_forward.output", output)
+    return output
+
+
+def layer_weights(ckpt: Checkpoint, layer: int, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """This layer's tensors, read from the checkpoint now (one layer resident at a time, as the notebook)."""
+    parts = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+             "feed_forward.w3", "attention_norm", "ffn_norm")  # fmt: skip
+    return {p: ckpt.tensor(f"layers.{layer}.{p}.weight").to(device=device, dtype=dtype) for p in parts}
+
+
+def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
+                      freqs_cis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer. [T, D] -> [T, D]."""
+    x_norm = rms_norm(x, weights["attention_norm"], config.norm_eps)  # [T, D]
+    record(f"layers.{layer}.attention_norm", x_norm)
+    attention_output = attention(layer, x_norm, weights, config, freqs_cis, mask)  # [T, D]
+    record(f"layers.{layer}.attention.output", attention_output)
+    attention_residual = x + attention_output  # [T, D]
+    record(f"layers.{layer}.attention_residual", attention_residual)
+    h_norm = rms_norm(attention_residual, weights["ffn_norm"], config.norm_eps)  # [T, D]
+    record(f"layers.{layer}.ffn_norm", h_norm)
+    output = attention_residual + feed_forward(layer, h_norm, weights)  # [T, D]
+    record(f"layers.{layer}.output", output)
+    return output
+
+
+def forward(ckpt: Checkpoint, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu", layer_input: LayerInput | None = None,
+            progress: bool = False) -> torch.Tensor:
+    """Tokens -> logits [T, V], recording every canonical name.
+
+    `layer_input(l)`, when given, replaces the input of layer l (l = n_layers: the final norm's input): isolated mode
+    feeds each layer the reference's input so a bug is found in its own layer instead of drowned in drift.
+    """
+    config = ckpt.config
+    tokens_t = torch.tensor(list(tokens), dtype=torch.long)  # [T]
+    record("tokens", tokens_t)
+    n_tokens = tokens_t.shape[0]
+    x = ckpt.tensor("tok_embeddings.weight")[tokens_t].to(device=device, dtype=dtype)  # [T, D]
+    record("embeddings", x)
+    freqs_cis = rope_freqs_cis(config, n_tokens, dtype, device)  # [T, hd/2]
+    mask = causal_mask(n_tokens, upcast(dtype), device)  # [T, T]
+    layers = range(config.n_layers)
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc="scratch", unit="layer", leave=False)
+    for layer in layers:
+        if layer_input is not None:
+            x = layer_input(layer).to(device=device, dtype=dtype)
+        x = transformer_layer(layer, x, layer_weights(ckpt, layer, dtype, device), config, freqs_cis, mask)
+    if layer_input is not None:
+        x = layer_input(config.n_layers).to(device=device, dtype=dtype)
+    norm = rms_norm(x, ckpt.tensor("norm.weight").to(device=device, dtype=dtype), config.norm_eps)  # [T, D]
+    record("norm", norm)
+    logits = norm @ ckpt.tensor("output.weight").to(device=device, dtype=dtype).T  # [T, V]
+    record("logits", logits)
+    return logits

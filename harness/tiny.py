@@ -1,0 +1,99 @@
+"""Deterministic tiny Llama-3 checkpoints in Meta's exact format (bf16, real key names, params.json, tokenizer.model).
+
+Weights are scaled to be *sensitive*: peaked attention, norm weights far from 1, every component moving the output.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+
+from .checkpoint import expected_shape, meta_names
+from .config import config_from_params_json
+from .errors import HarnessError
+from .tokenizer import NUM_RESERVED_SPECIAL_TOKENS, train_tokenizer, write_tokenizer_model
+
+CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+N_MERGES = 256  # 256 byte tokens + 256 merges = 512 BPE ranks; + 256 special tokens = vocab 768
+
+# params.json of each variant, as Meta writes it (vocab_size filled in from the tokenizer).
+VARIANTS: dict[str, dict] = {
+    "3.0": dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
+                norm_eps=1e-5, rope_theta=500000.0),
+    "3.1": dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
+                norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
+    # 3.2: tied embeddings, 3 query heads per KV head (as the 3B)
+    "3.2": dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.5,
+                norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
+}  # fmt: skip
+TIED = {"3.2"}
+
+# Standard deviation of each weight, times 1/sqrt(fan_in). q and k at 2: scores of std ~4, so attention is peaked
+# rather than uniform; the output projection at 3: logits of std ~3, so the next token is a clear choice.
+_GAIN = {"wq": 2.0, "wk": 2.0, "wv": 1.0, "wo": 1.0, "w1": 1.0, "w3": 1.0, "w2": 1.0, "output": 3.0}
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # one stream per tensor, so a tensor does not depend on the order the others are made in
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def make_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = _generator(seed, name)
+    part = name.removesuffix(".weight").split(".")[-1]
+    if part.endswith("norm"):
+        return (0.5 + torch.rand(shape, generator=g)).to(torch.bfloat16)  # far from 1: a dropped weight shows
+    if part == "tok_embeddings":
+        return torch.randn(shape, generator=g).to(torch.bfloat16)
+    fan_in = shape[1]
+    return (torch.randn(shape, generator=g) * (_GAIN[part] / fan_in**0.5)).to(torch.bfloat16)
+
+
+def make_tiny_meta(out: Path, *, seed: int = 0, variant: str = "3.0", params: dict | None = None) -> None:
+    """Write params.json, consolidated.00.pth and tokenizer.model into `out` (created; must be empty or absent)."""
+    if variant not in VARIANTS:
+        raise HarnessError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise HarnessError(f"{out}: output directory is not empty; choose a new directory")
+    if not out.parent.is_dir():
+        raise HarnessError(f"{out}: parent folder {out.parent} does not exist")
+    ranks = train_tokenizer(CORPUS.read_text(encoding="utf-8"), N_MERGES)
+    p = dict(params or VARIANTS[variant])
+    p["vocab_size"] = p.get("vocab_size", len(ranks) + NUM_RESERVED_SPECIAL_TOKENS)
+    out.mkdir(exist_ok=True)
+    try:
+        (out / "params.json").write_text(json.dumps(p, indent=2) + "\n")
+        config = config_from_params_json(out / "params.json")
+        state_dict = {}
+        for name in meta_names(config):
+            state_dict[name] = make_tensor(name, expected_shape(config, name), seed)
+        if variant in TIED:
+            state_dict["output.weight"] = state_dict["tok_embeddings.weight"].clone()
+        torch.save(state_dict, out / "consolidated.00.pth")
+        write_tokenizer_model(ranks, out / "tokenizer.model")
+    except BaseException:
+        for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):
+            (out / f).unlink(missing_ok=True)
+        raise
+
+
+def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "meta") -> None:
+    """`make-tiny`: Meta format directly; HF format by converting a Meta one written to a temporary folder."""
+    if fmt == "meta":
+        return make_tiny_meta(out, seed=seed, variant=variant)
+    if fmt != "hf":
+        raise HarnessError(f"unknown format {fmt!r}; choose meta or hf")
+    import tempfile
+
+    from .convert import convert
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise HarnessError(f"{out}: output directory is not empty; choose a new directory")
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        make_tiny_meta(Path(tmp) / "meta", seed=seed, variant=variant)
+        convert(Path(tmp) / "meta", out, to="hf")

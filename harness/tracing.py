@@ -1,0 +1,226 @@
+"""The recording API and the HDF5 trace format: `with tracing(path): ... record(name, tensor)`, and `load_trace(path)`.
+
+Anyone's implementation records through these two calls; outside `tracing`, `record` is a no-op.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import platform
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from . import names as canon
+from .errors import HarnessError
+
+FORMAT_VERSION = 1
+# Names whose first part starts with this are the harness's own extras (e.g. the float64 oracle), not trace names.
+RESERVED_PREFIX = "_"
+
+_active: _Recorder | None = None
+
+
+def record(name: str, tensor: torch.Tensor) -> None:
+    """Record `tensor` under the canonical `name` if a trace is open; costs one global lookup otherwise."""
+    if _active is not None:
+        _active.record(name, tensor)
+
+
+def is_tracing() -> bool:
+    return _active is not None
+
+
+def library_versions() -> dict[str, str]:
+    import h5py as _h5py
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "h5py": _h5py.__version__, "numpy": np.__version__}
+    for mod in ("transformers", "tiktoken", "harness"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            pass
+    return versions
+
+
+def _to_attr(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
+        return value
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    return json.dumps(value)
+
+
+class _Recorder:
+    def __init__(self, file: h5py.File, patterns: Sequence[str] | None):
+        self.file = file
+        self.patterns = list(patterns) if patterns else None
+        self.count = 0
+
+    def wants(self, name: str) -> bool:
+        if name.startswith(RESERVED_PREFIX) or name == "tokens" or self.patterns is None:
+            return True
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def record(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.wants(name):
+            return
+        path = canon.to_path(name)
+        if path in self.file:
+            raise HarnessError(f"trace: name {name!r} recorded twice")
+        t = torch.as_tensor(tensor).detach()
+        computed = str(t.dtype).removeprefix("torch.")
+        if t.dtype == torch.bfloat16:
+            t = t.float()  # HDF5 has no bfloat16; every bfloat16 value is exact in float32
+        elif t.is_complex():
+            raise HarnessError(f"trace: {name!r} is complex; record real tensors")
+        ds = self.file.create_dataset(path, data=t.cpu().numpy())
+        ds.attrs["name"] = name
+        ds.attrs["dtype"] = computed
+        ds.attrs["order"] = self.count
+        if (axes := canon.axes(name)) is not None and len(axes) == t.dim():
+            ds.attrs["axes"] = ",".join(axes)
+        self.count += 1
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise HarnessError(f"{path}: output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise HarnessError(f"{path}: is a folder, expected a file name")
+    tmp = _temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, **metadata: Any) -> Iterator[None]:
+    """Open a trace: every `record(...)` inside goes to the HDF5 file at `path`.
+
+    `names` are glob patterns (e.g. "layers.0.*"); `tokens` is always kept. `metadata` becomes file attributes.
+    The file appears only when the block ends without error; an existing file is replaced atomically.
+    """
+    global _active
+    if _active is not None:
+        raise HarnessError("trace: tracing() is already active; traces cannot be nested")
+    with atomic_path(path) as tmp:
+        try:
+            file = h5py.File(tmp, "w")
+        except OSError as e:
+            raise HarnessError(f"{path}: cannot write ({e.strerror or e})") from None
+        with file:
+            file.attrs["format_version"] = FORMAT_VERSION
+            file.attrs["encoding"] = "llama3-harness-trace"
+            file.attrs["library_versions"] = json.dumps(library_versions())
+            for key, value in metadata.items():
+                file.attrs[key] = _to_attr(value)
+            _active = _Recorder(file, names)
+            try:
+                yield
+            finally:
+                _active = None
+
+
+class Trace:
+    """A trace file opened for reading; tensors are read by name when asked for."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise HarnessError(f"{self.path}: trace file not found")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError:
+            raise HarnessError(f"{self.path}: not a readable HDF5 trace (truncated or another format)") from None
+        version = self.file.attrs.get("format_version")
+        if version is None:
+            self.file.close()
+            raise HarnessError(f"{self.path}: not a harness trace (no format_version attribute)")
+        if int(version) != FORMAT_VERSION:
+            self.file.close()
+            raise HarnessError(f"{self.path}: trace format version {int(version)}, this harness reads version {FORMAT_VERSION}")
+        found: list[str] = []
+        self.file.visititems(lambda p, obj: found.append(obj.attrs.get("name", canon.from_path(p))) if isinstance(obj, h5py.Dataset) else None)
+        self._all = sorted(found, key=canon.order_key)
+        self.names = [n for n in self._all if not n.startswith(RESERVED_PREFIX)]
+
+    @property
+    def extra_names(self) -> list[str]:
+        return [n for n in self._all if n.startswith(RESERVED_PREFIX)]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        out = {}
+        for key, value in self.file.attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and value[:1] in "[{" :
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[key] = value
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return canon.to_path(name) in self.file
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        try:
+            return self.file[canon.to_path(name)]
+        except KeyError:
+            raise HarnessError(f"{self.path}: no tensor named {name!r} in this trace") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor as stored (bfloat16 ones come back as float32, exactly)."""
+        try:
+            return torch.from_numpy(self._dataset(name)[()])
+        except OSError as e:
+            raise HarnessError(f"{self.path}: cannot read {name!r} ({e})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._dataset(name).shape)
+
+    def dtype(self, name: str) -> str:
+        """The dtype the implementation computed `name` in (e.g. 'bfloat16')."""
+        ds = self._dataset(name)
+        return str(ds.attrs.get("dtype", ds.dtype.name))
+
+    @property
+    def tokens(self) -> list[int]:
+        if "tokens" not in self:
+            raise HarnessError(f"{self.path}: trace has no 'tokens'")
+        return [int(t) for t in self["tokens"].tolist()]
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    return Trace(path)
