@@ -1,0 +1,82 @@
+"""Reading Meta checkpoints: shard merging, variants, tied embeddings, shape checks against the config."""
+
+import shutil
+
+import pytest
+import torch
+
+from harness.checkpoint import load_pth, open_checkpoint, split_dim
+from harness.errors import HarnessError
+
+
+def split_into_shards(src, dst, n):
+    """Write `src`'s consolidated.00.pth as `n` model-parallel shards, split as Meta splits them."""
+    dst.mkdir()
+    for f in ("params.json", "tokenizer.model"):
+        shutil.copy(src / f, dst / f)
+    sd = load_pth(src / "consolidated.00.pth")
+    shards = [{} for _ in range(n)]
+    for name, t in sd.items():
+        dim = split_dim(name)
+        parts = [t] * n if dim is None else t.chunk(n, dim=dim)
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, dst / f"consolidated.{i:02d}.pth")
+    return dst
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_shards_merge_to_the_same_tensors(tiny_checkpoint, tmp_path, n_shards):
+    single = open_checkpoint(tiny_checkpoint("3.0"))
+    sharded = open_checkpoint(split_into_shards(single.path, tmp_path / "sharded", n_shards))
+    assert len(list(sharded.path.glob("consolidated.*.pth"))) == n_shards
+    assert sharded.config == single.config
+    for name in single.names():
+        assert torch.equal(sharded.tensor(name), single.tensor(name)), name
+    assert sharded.fingerprint() == single.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "variant, tied, factor, n_rep",
+    [("3.0", False, None, 4), ("3.1", False, 8.0, 4), ("3.2", True, 8.0, 3)],
+)
+def test_variants(tiny_checkpoint, variant, tied, factor, n_rep):
+    config = open_checkpoint(tiny_checkpoint(variant)).config
+    assert (config.tie_word_embeddings, config.rope_scaling_factor, config.n_rep) == (tied, factor, n_rep)
+    assert config.rope_theta == 500000.0 and config.vocab_size == 768
+
+
+def test_meta_tensors_are_bf16_with_metas_key_names(tiny_checkpoint):
+    sd = load_pth(tiny_checkpoint("3.0") / "consolidated.00.pth")
+    assert "layers.2.attention.wq.weight" in sd and "layers.0.feed_forward.w2.weight" in sd and "output.weight" in sd
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+
+
+def test_tied_checkpoint_without_output_weight_uses_embeddings(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("3.2")
+    dst = tmp_path / "untied"
+    shutil.copytree(src, dst)
+    sd = dict(load_pth(src / "consolidated.00.pth"))
+    del sd["output.weight"]
+    torch.save(sd, dst / "consolidated.00.pth")
+    ckpt = open_checkpoint(dst)
+    assert ckpt.config.tie_word_embeddings
+    assert torch.equal(ckpt.tensor("output.weight"), ckpt.tensor("tok_embeddings.weight"))
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint("3.0"), dst)
+    sd = dict(load_pth(tiny_checkpoint("3.0") / "consolidated.00.pth"))  # not dst's: it is rewritten below
+    sd["layers.1.feed_forward.w3.weight"] = sd["layers.1.feed_forward.w3.weight"][:-32].clone()
+    torch.save(sd, dst / "consolidated.00.pth")
+    with pytest.raises(HarnessError, match=r"layers\.1\.feed_forward\.w3\.weight has shape \[416, 128\], config implies \[448, 128\]"):
+        open_checkpoint(dst)
+
+
+def test_single_shard_is_memory_mapped_not_copied(tiny_checkpoint):
+    ckpt = open_checkpoint(tiny_checkpoint("3.0"))
+    a = ckpt.tensor("layers.0.attention.wq.weight")
+    b = ckpt.tensor("layers.0.attention.wq.weight")
+    assert a.data_ptr() == b.data_ptr(), "one shard: the same mapped storage every time, no copy"

@@ -1,0 +1,76 @@
+"""The recording API and HDF5 layout: names to paths, dtypes, metadata, filters, atomic writes."""
+
+import h5py
+import pytest
+import torch
+
+import harness
+from harness.errors import HarnessError
+
+
+def test_record_outside_tracing_is_a_no_op(tmp_path):
+    harness.record("embeddings", torch.ones(2))  # nothing open: nothing happens
+    assert not harness.is_tracing() and list(tmp_path.iterdir()) == []
+
+
+def test_layout_dtype_and_metadata(tmp_path):
+    path = tmp_path / "t.h5"
+    q = torch.randn(5, 16, dtype=torch.bfloat16)
+    with harness.tracing(path, implementation="mine", dtype="bfloat16", tokens=[1, 2, 3]):
+        harness.record("tokens", torch.tensor([1, 2, 3]))
+        harness.record("layers.0.attention.heads.3.q_rotated", q)
+    with h5py.File(path) as f:
+        ds = f["/layers/0/attention/heads/3/q_rotated"]
+        assert ds.dtype == "float32" and ds.attrs["dtype"] == "bfloat16" and ds.attrs["axes"] == "T,head_dim"
+        assert f.attrs["format_version"] == 1 and f.attrs["implementation"] == "mine"
+        assert "torch" in f.attrs["library_versions"]
+    trace = harness.load_trace(path)
+    assert trace.names == ["tokens", "layers.0.attention.heads.3.q_rotated"]
+    assert torch.equal(trace["layers.0.attention.heads.3.q_rotated"], q.float())  # bf16 -> f32 is exact
+    assert trace.dtype("layers.0.attention.heads.3.q_rotated") == "bfloat16"
+    assert trace.tokens == [1, 2, 3] and trace.attrs["tokens"] == [1, 2, 3]
+
+
+def test_name_globs_keep_tokens(tmp_path):
+    path = tmp_path / "t.h5"
+    with harness.tracing(path, names=["layers.1.*"]):
+        harness.record("tokens", torch.tensor([1]))
+        harness.record("layers.0.ffn_norm", torch.ones(1, 4))
+        harness.record("layers.1.ffn_norm", torch.ones(1, 4))
+    assert harness.load_trace(path).names == ["tokens", "layers.1.ffn_norm"]
+
+
+def test_same_name_twice_is_an_error(tmp_path):
+    with pytest.raises(HarnessError, match="recorded twice"):
+        with harness.tracing(tmp_path / "t.h5"):
+            harness.record("norm", torch.ones(1))
+            harness.record("norm", torch.ones(1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_run_leaves_existing_file_intact_and_no_temporary(tmp_path):
+    path = tmp_path / "t.h5"
+    with harness.tracing(path):
+        harness.record("norm", torch.ones(3))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        with harness.tracing(path):
+            harness.record("norm", torch.zeros(3))
+            raise RuntimeError("boom")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.h5"]
+    assert not harness.is_tracing(), "the recorder must be removed even when the block fails"
+
+
+def test_nested_tracing_is_refused(tmp_path):
+    with harness.tracing(tmp_path / "a.h5"):
+        with pytest.raises(HarnessError, match="already active"):
+            with harness.tracing(tmp_path / "b.h5"):
+                pass
+    assert not (tmp_path / "b.h5").exists()
+
+
+def test_missing_output_folder(tmp_path):
+    with pytest.raises(HarnessError, match="does not exist"):
+        with harness.tracing(tmp_path / "nope" / "t.h5"):
+            pass
