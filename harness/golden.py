@@ -1,0 +1,151 @@
+"""Golden scratch traces of the tiny checkpoints, for CI regression gating.
+
+`golden/recipe.json` says what to make; `python -m harness golden --update` writes the traces and `manifest.json`
+(sha256, format version, library versions); `python -m harness golden` and `tests/test_golden.py` check today's
+forward against them. Tests never write here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from .checkpoint import open_checkpoint
+from .compare import Comparison, compare_traces
+from .errors import HarnessError
+from .tracing import FORMAT_VERSION, atomic_path, library_versions
+
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
+
+# Tight bounds (relative L2 per name, direct comparison with the golden trace): only float differences across CPUs
+# may pass. float32: same ops, other SIMD widths reorder sums; each reordering moves a value by ~1e-7 relative, and
+# 3 layers compound that to ~1e-6 (not measured across CPUs here: one machine gives bit-identical traces, which
+# tests/test_scratch.py checks), so 1e-5. bfloat16: one reordered sum can flip a value by one bf16 ulp (2^-8);
+# 1e-2 allows a few such flips per tensor and nothing like a changed formula.
+GOLDEN_RTOL = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 1e-2, "float16": 2e-3}
+GOLDEN_ATOL = {"float32": 1e-7, "float64": 1e-15, "bfloat16": 1e-3, "float16": 2e-4}
+
+
+@dataclass(frozen=True)
+class Entry:
+    variant: str
+    seed: int
+    dtype: str
+
+    @property
+    def file(self) -> str:
+        return f"tiny-{self.variant}-seed{self.seed}-{self.dtype}.h5"
+
+    @property
+    def id(self) -> str:
+        return f"tiny-{self.variant}-seed{self.seed}-{self.dtype}"
+
+
+def read_recipe(golden_dir: Path = GOLDEN_DIR) -> tuple[str, list[Entry]]:
+    path = Path(golden_dir) / "recipe.json"
+    try:
+        recipe = json.loads(path.read_text())
+        return recipe["prompt"], [Entry(e["variant"], int(e["seed"]), e["dtype"]) for e in recipe["traces"]]
+    except FileNotFoundError:
+        raise HarnessError(f"{path}: golden recipe not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise HarnessError(f"{path}: not a valid golden recipe ({e})") from None
+
+
+def read_manifest(golden_dir: Path = GOLDEN_DIR) -> dict:
+    path = Path(golden_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HarnessError(f"{path}: no golden manifest; run `python -m harness golden --update`") from None
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{path}: not valid JSON ({e})") from None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tiny_dir(root: Path, variant: str, seed: int) -> Path:
+    """The tiny checkpoint of (variant, seed) under `root`, made once (under a file lock) and reused."""
+    from .tiny import make_tiny_meta
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"tiny-{variant}-seed{seed}"
+    with FileLock(str(root / f".tiny-{variant}-seed{seed}.lock")):
+        if not out.exists():
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}."))
+            make_tiny_meta(tmp / "ckpt", seed=seed, variant=variant)
+            os.replace(tmp / "ckpt", out)
+            tmp.rmdir()
+    return out
+
+
+def trace_entry(entry: Entry, prompt: str, out: Path, tiny_root: Path) -> Path:
+    from .runner import trace_scratch
+
+    trace_scratch(open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed)), out, prompt=prompt, dtype=entry.dtype)
+    return out
+
+
+def update(golden_dir: Path = GOLDEN_DIR) -> list[Path]:
+    """Rewrite every golden trace and the manifest (each file atomically); the only writer of golden/."""
+    golden_dir = Path(golden_dir)
+    prompt, entries = read_recipe(golden_dir)
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in entries:
+            path = trace_entry(entry, prompt, Path(tmp) / entry.file, Path(tmp) / "tiny")
+            ckpt = open_checkpoint(tiny_dir(Path(tmp) / "tiny", entry.variant, entry.seed))
+            files[entry.file] = dict(sha256=sha256(path), variant=entry.variant, seed=entry.seed, dtype=entry.dtype,
+                                     checkpoint=ckpt.fingerprint(),
+                                     checkpoint_sha256=sha256(ckpt.path / "consolidated.00.pth"))  # fmt: skip
+        for entry in entries:
+            with atomic_path(golden_dir / entry.file) as target:
+                shutil.copyfile(Path(tmp) / entry.file, target)
+    manifest = dict(
+        format_version=FORMAT_VERSION, produced_by="python -m harness golden --update",
+        updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} {platform.processor()}".strip(), library_versions=library_versions(),
+        prompt=prompt, files=files,
+    )  # fmt: skip
+    with atomic_path(golden_dir / "manifest.json") as target:
+        target.write_text(json.dumps(manifest, indent=1) + "\n")
+    return [golden_dir / e.file for e in entries]
+
+
+def check_entry(entry: Entry, work_dir: Path, golden_dir: Path = GOLDEN_DIR, *, tiny_root: Path | None = None) -> Comparison:
+    """Today's scratch trace of `entry` against its golden trace, under the tight golden bound."""
+    golden_dir = Path(golden_dir)
+    manifest = read_manifest(golden_dir)
+    prompt, _ = read_recipe(golden_dir)
+    golden = golden_dir / entry.file
+    recorded = manifest.get("files", {}).get(entry.file)
+    if recorded is None or not golden.exists():
+        raise HarnessError(f"{golden}: missing from golden/; run `python -m harness golden --update`")
+    if sha256(golden) != recorded["sha256"]:
+        raise HarnessError(f"{golden}: sha256 differs from manifest.json (changed outside `python -m harness golden --update`)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise HarnessError(f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, this harness writes {FORMAT_VERSION}; run `python -m harness golden --update`")
+    tiny_root = Path(tiny_root or work_dir / "tiny")
+    ckpt = open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed))
+    if ckpt.fingerprint() != recorded["checkpoint"]:
+        raise HarnessError(f"{golden}: the tiny {entry.variant} checkpoint generator changed (fingerprint differs); run `python -m harness golden --update` if intended")
+    today = Path(work_dir) / entry.file
+    if not today.exists():
+        trace_entry(entry, prompt, today, tiny_root)
+    return compare_traces(golden, today, rtol=GOLDEN_RTOL[entry.dtype], atol=GOLDEN_ATOL[entry.dtype])

@@ -1,0 +1,76 @@
+"""The everyday suite: each canonical name of the from-scratch forward against the Hugging Face reference.
+
+Parametrized from the checkpoint's config (`--checkpoint DIR`, or the bundled tiny ones): layers x heads x names.
+The bound of each name is calibrated on the reference's own rounding against its float64 oracle (harness/compare.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+from harness.names import head_name, layer_name
+
+
+def _fmt(x) -> str:
+    return f"{x:.3g}" if isinstance(x, (int, float)) else str(x)
+
+
+def check(verified, case, name: str) -> None:
+    """Assert `name` passed; the failure says by how much, where in the sequence, and where the trace first diverged."""
+    run = verified(case)
+    r = run.result(name)
+    if r["passed"]:
+        return
+    first = run.comparison["first_divergence"]
+    where = f"token {r['worst_position']}" if r.get("worst_position") is not None else "whole tensor"
+    if r.get("worst_token") is not None:
+        where += f" ({r['worst_token']!r})"
+    lines = [
+        f"{name} diverges ({case.id}): rel_l2 {_fmt(r['rel_l2'])} vs bound {_fmt(r['bound'])} (ratio {_fmt(r['ratio'])}"
+        + (f", reference's own error {_fmt(r['floor'])}" if r.get("floor") is not None else "") + ")",
+        f"  max_abs {_fmt(r['max_abs'])}, max_rel {_fmt(r['max_rel'])}, cosine {_fmt(r['cosine'])}; worst at {where}",
+    ]
+    if r.get("nonfinite"):
+        lines.append(f"  non-finite values: {r['nonfinite']}")
+    lines.append(f"  first divergence in the whole trace: {first}"
+                 + (f"; non-finite values first appear at {run.comparison['first_nonfinite']}" if run.comparison.get("first_nonfinite") else ""))  # fmt: skip
+    lines.append(f"  traces and report: {run.out} (python -m harness compare {run.out / 'reference.h5'} {run.out / 'scratch.h5'})")
+    raise AssertionError("\n".join(lines))
+
+
+def test_head(verified, head_case):
+    case, layer, head, part = head_case
+    check(verified, case, head_name(layer, head, part))
+
+
+def test_layer(verified, layer_case):
+    case, layer, part = layer_case
+    check(verified, case, layer_name(layer, part))
+
+
+def test_embeddings(verified, case):
+    check(verified, case, "embeddings")
+
+
+def test_final_norm(verified, case):
+    check(verified, case, "norm")
+
+
+def test_logits(verified, case):
+    """Logits within bound, and the same top-1 token at every position where the reference's choice is clear."""
+    check(verified, case, "logits")
+    metrics = verified(case).result("logits")["logits"]
+    assert metrics is not None, "no logits metrics in comparison.json"
+    disagree = [i for i, same in enumerate(metrics["top1"]) if not same]
+    assert not disagree or case.dtype != "float32", f"top-1 differs at positions {disagree} in float32"
+    assert metrics["top1_rate"] >= 0.8, f"top-1 agreement {metrics['top1_rate']:.0%} (positions {disagree})"
+    assert math.isfinite(metrics["kl_max"])
+
+
+def test_next_token(verified, case):
+    """The notebook's "42" moment: both implementations predict the same next token."""
+    s = verified(case).summary
+    assert s["reference_token"] == s["scratch_token"], (
+        f"next token: reference {s['reference_text']!r} (id {s['reference_token']}), "
+        f"scratch {s['scratch_text']!r} (id {s['scratch_token']})"
+    )
