@@ -11,6 +11,7 @@ import hashlib
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,17 +59,34 @@ def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
 
 
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only (no code from the file ever runs) and mmap (no copy in memory)."""
+    """torch.load with weights_only (no code from the file ever runs) and mmap (no copy in memory).
+
+    mmap needs torch's zip format; a legacy or bare pickle is read without it, by the same weights-only unpickler.
+    """
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it did not write; errors say enough
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise HarnessError(f"{path}: refused to load: the file holds more than tensors ({first})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise HarnessError(f"{path}: cannot read checkpoint shard (truncated or not a PyTorch file: {str(e).splitlines()[0]})") from None
+        raise HarnessError(f"{path}: refused to load: the pickle asks for more than tensors ({_refusal(e)}); "
+                           "nothing from it was run") from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
+        # torch's own messages (RuntimeError) say what broke; the unpickler's KeyError/EOFError say nothing useful
+        message = str(e).strip()
+        detail = message.splitlines()[0].split(". ")[0] if isinstance(e, RuntimeError) and message else type(e).__name__
+        raise HarnessError(f"{path}: cannot read checkpoint shard: truncated or not a PyTorch file ({detail})") from None
     if not isinstance(sd, dict):
         raise HarnessError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise HarnessError(f"{path}: expected a dict of tensors, but {key!r} holds a {type(value).__name__}")
     return sd
+
+
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only error that says what the pickle asked for (e.g. 'GLOBAL posix.system')."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    return next((line.rstrip(".") for line in lines if line.startswith(("Trying to load", "Unsupported"))), "not plain tensors")
 
 
 @dataclass
@@ -192,6 +210,9 @@ def _open_meta(path: Path) -> Checkpoint:
         others = [tuple(d for i, d in enumerate(sh) if i != dim) for sh in shapes]
         if len(set(others)) > 1 or (dim is None and len(set(shapes)) > 1):
             raise HarnessError(f"{path}: shards do not fit together: {name} has shapes {[list(s) for s in shapes]}")
+        if dim is None and not all(torch.equal(shards[0][name], s[name]) for s in shards[1:]):
+            # Meta replicates the norms in every shard; different values mean shards of different checkpoints
+            raise HarnessError(f"{path}: shards do not fit together: replicated tensor {name} differs between shards")
     if "output.weight" in keys:
         out, emb = shards[0]["output.weight"], shards[0]["tok_embeddings.weight"]
         tied = out.shape == emb.shape and all(torch.equal(s["output.weight"], s["tok_embeddings.weight"]) for s in shards)

@@ -34,6 +34,55 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_traces, tokenizer_for, write_json
+    from .report import text_report
+    from .tracing import load_trace
+
+    with load_trace(args.a) as a:
+        token_text = tokenizer_for(a.attrs)
+    comparison = compare_traces(args.a, args.b, rtol=args.rtol, atol=args.atol, token_text=token_text)
+    print(text_report(comparison))
+    if args.json:
+        write_json(comparison, args.json)
+    return 0 if comparison.passed else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .report import text_report
+    from .verify import verify
+
+    result = verify(args.checkpoint, out=args.out, dtype=args.dtype, prompt=args.prompt, isolated=args.isolated,
+                    device=args.device, progress=sys.stderr.isatty())  # fmt: skip
+    print(text_report(result.comparison))
+    print(f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
+          f"scratch {result.scratch_text!r} (id {result.scratch_token})")  # fmt: skip
+    print(f"traces, comparison.json and report.html written to {result.out}")
+    return 0 if result.passed else 1
+
+
+def cmd_golden(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from . import golden
+    from .report import summary_line
+
+    golden_dir = Path(args.golden_dir)
+    if args.update:
+        for path in golden.update(golden_dir):
+            print(f"wrote {path}")
+        print(f"wrote {golden_dir / 'manifest.json'}")
+        return 0
+    _, entries = golden.read_recipe(golden_dir)
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in entries:
+            comparison = golden.check_entry(entry, Path(tmp), golden_dir)
+            failed += not comparison.passed
+            print(f"{entry.id}: {summary_line(comparison)}")
+    return 1 if failed else 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text after <|begin_of_text|> (default: the notebook's)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="working dtype of the forward")
@@ -59,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
     _add_run_options(p)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("compare", help="compare two traces; exit 1 if B diverges from A")
+    p.add_argument("a", help="trace A: the reference side (its float64 oracle, if any, calibrates the bounds)")
+    p.add_argument("b", help="trace B: the implementation judged")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--rtol", type=float, help="fixed relative L2 bound against A (instead of the oracle rule)")
+    p.add_argument("--atol", type=float, help="fixed RMS absolute term against A (instead of the oracle rule)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("verify", help="trace the reference and the from-scratch forward, compare, write a report")
+    p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
+    p.add_argument("--out", default="verify-out", help="folder for traces and report (default: ./verify-out)")
+    p.add_argument("--isolated", action="store_true", help="feed each scratch layer the reference's input to it")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("golden", help="check today's scratch traces against golden/ (or rewrite them with --update)")
+    p.add_argument("--update", action="store_true", help="rewrite the golden traces and manifest.json")
+    p.add_argument("--golden-dir", default=str(Path(__file__).resolve().parent.parent / "golden"), help="default: golden/ of this checkout")
+    p.set_defaults(func=cmd_golden)
     return parser
 
 
@@ -68,7 +137,7 @@ def _raise_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         return args.func(args)
     except HarnessError as e:
@@ -84,3 +153,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output file was written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may be called from Python (tests); leave no handler behind

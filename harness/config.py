@@ -107,6 +107,18 @@ def _require(data: dict[str, Any], key: str, path: Path, kind: type | tuple[type
     return value
 
 
+def _optional(data: dict[str, Any], key: str, path: Path, kind: type | tuple[type, ...], default: Any) -> Any:
+    return default if data.get(key) is None else _require(data, key, path, kind)
+
+
+def _build(path: Path, **fields: Any) -> ModelConfig:
+    """ModelConfig(**fields), its own checks reported against the file they came from."""
+    try:
+        return ModelConfig(**fields)
+    except HarnessError as e:
+        raise HarnessError(f"{path}: {str(e).removeprefix('config: ')}") from None
+
+
 def config_from_params_json(path: Path, *, tie_word_embeddings: bool = False) -> ModelConfig:
     """Meta's params.json (`dim`, `n_layers`, `n_heads`, ...); `use_scaled_rope` turns on 3.1 scaling.
 
@@ -117,27 +129,27 @@ def config_from_params_json(path: Path, *, tie_word_embeddings: bool = False) ->
     dim = _require(p, "dim", path, int)
     n_heads = _require(p, "n_heads", path, int)
     multiple_of = _require(p, "multiple_of", path, int)
-    multiplier = p.get("ffn_dim_multiplier")
-    if multiplier is not None and not isinstance(multiplier, (int, float)):
-        raise HarnessError(f"{path}: key 'ffn_dim_multiplier' has the wrong type ({multiplier!r})")
+    multiplier = _optional(p, "ffn_dim_multiplier", path, (int, float), None)
     scaling = None
     if p.get("use_scaled_rope"):
         # Meta's code hard-codes factor 8; a `rope_scaling_factor` key, where present, says otherwise.
-        scaling = RopeScaling(**{**META_ROPE_SCALING, "factor": float(p.get("rope_scaling_factor", 8.0))})
+        factor = _optional(p, "rope_scaling_factor", path, (int, float), 8.0)
+        scaling = RopeScaling(**{**META_ROPE_SCALING, "factor": float(factor)})
     if n_heads <= 0 or dim % n_heads:
         raise HarnessError(f"{path}: dim ({dim}) must be divisible by n_heads ({n_heads})")
-    return ModelConfig(
+    return _build(
+        path,
         dim=dim,
         n_layers=_require(p, "n_layers", path, int),
         n_heads=n_heads,
-        n_kv_heads=p.get("n_kv_heads") or n_heads,
+        n_kv_heads=_optional(p, "n_kv_heads", path, int, n_heads),
         vocab_size=_require(p, "vocab_size", path, int),
         ffn_dim=ffn_dim_from_meta(dim, multiple_of, multiplier),
         norm_eps=float(_require(p, "norm_eps", path, (int, float))),
-        rope_theta=float(p.get("rope_theta", 10000.0)),
+        rope_theta=float(_optional(p, "rope_theta", path, (int, float), 10000.0)),
         rope_scaling=scaling,
         tie_word_embeddings=tie_word_embeddings,
-        max_seq_len=int(p.get("max_seq_len", 131072 if scaling else 8192)),
+        max_seq_len=_optional(p, "max_seq_len", path, int, 131072 if scaling else 8192),
         head_dim=dim // n_heads,
         multiple_of=multiple_of,
         ffn_dim_multiplier=multiplier,
@@ -153,7 +165,11 @@ def config_from_hf_json(path: Path) -> ModelConfig:
     dim = _require(c, "hidden_size", path, int)
     n_heads = _require(c, "num_attention_heads", path, int)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise HarnessError(f"{path}: rope_parameters / rope_scaling must be a JSON object, got {rope!r}")
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise HarnessError(f"{path}: key 'rope_theta' has the wrong type ({theta!r})")
     scaling = None
     if rope.get("rope_type", rope.get("type")) == "llama3":
         try:
@@ -165,25 +181,28 @@ def config_from_hf_json(path: Path) -> ModelConfig:
             )
         except KeyError as e:
             raise HarnessError(f"{path}: llama3 rope scaling is missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise HarnessError(f"{path}: llama3 rope scaling has a value of the wrong type ({e})") from None
     elif rope.get("rope_type", "default") not in ("default", None):
         raise HarnessError(f"{path}: rope_type {rope.get('rope_type')!r} is not supported (default or llama3)")
     if n_heads <= 0 or dim % n_heads:
         raise HarnessError(f"{path}: hidden_size ({dim}) must be divisible by num_attention_heads ({n_heads})")
-    head_dim = c.get("head_dim") or dim // n_heads
+    head_dim = _optional(c, "head_dim", path, int, dim // n_heads)
     if head_dim * n_heads != dim:
         raise HarnessError(f"{path}: head_dim ({head_dim}) * num_attention_heads ({n_heads}) != hidden_size ({dim})")
-    return ModelConfig(
+    return _build(
+        path,
         dim=dim,
         n_layers=_require(c, "num_hidden_layers", path, int),
         n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads") or n_heads,
+        n_kv_heads=_optional(c, "num_key_value_heads", path, int, n_heads),
         vocab_size=_require(c, "vocab_size", path, int),
         ffn_dim=_require(c, "intermediate_size", path, int),
         norm_eps=float(_require(c, "rms_norm_eps", path, (int, float))),
         rope_theta=float(theta),
         rope_scaling=scaling,
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        max_seq_len=int(c.get("max_position_embeddings", 8192)),
+        max_seq_len=_optional(c, "max_position_embeddings", path, int, 8192),
         head_dim=head_dim,
     )
 

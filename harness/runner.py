@@ -23,6 +23,19 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_device(name: str) -> torch.device:
+    """`--device`: a torch device string this machine has (checked before any work, so the error comes first)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HarnessError(f"unknown device {name!r}; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise HarnessError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def prompt_tokens(ckpt: Checkpoint, prompt: str) -> list[int]:
     """`[<|begin_of_text|>] + encode(prompt)`, checked against the checkpoint's vocabulary and context."""
     if ckpt.tokenizer_path is None:
@@ -32,7 +45,9 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str) -> list[int]:
         raise HarnessError(f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is {ckpt.config.vocab_size}")
     tokens = encode_prompt(enc, prompt)
     if len(tokens) > ckpt.config.max_seq_len:
-        raise HarnessError(f"prompt is {len(tokens)} tokens, longer than the model's context of {ckpt.config.max_seq_len}")
+        source = "params.json max_seq_len" if ckpt.format == "meta" else "config.json max_position_embeddings"
+        raise HarnessError(f"{ckpt.path}: prompt is {len(tokens)} tokens, longer than the model's context of "
+                           f"{ckpt.config.max_seq_len} ({source}); use a shorter --prompt")  # fmt: skip
     return tokens
 
 
@@ -67,6 +82,7 @@ def trace_scratch(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PR
 
 def trace_implementation(impl: str, ckpt: Checkpoint, out: str | Path, **options: Any) -> torch.Tensor:
     """`--impl scratch` or `--impl reference` into a trace file; returns the logits [T, V]."""
+    check_device(options.get("device", "cpu"))
     if impl == "scratch":
         return trace_scratch(ckpt, out, **options)
     if impl == "reference":

@@ -52,18 +52,25 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return (torch.randn(shape, generator=g) * (_GAIN[part] / fan_in**0.5)).to(torch.bfloat16)
 
 
+def _check_new_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise HarnessError(f"{out}: is a file, expected a directory; choose a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise HarnessError(f"{out}: output directory is not empty; choose a new directory")
+    if not out.parent.is_dir():
+        raise HarnessError(f"{out}: parent folder {out.parent} does not exist; create it first")
+
+
 def make_tiny_meta(out: Path, *, seed: int = 0, variant: str = "3.0", params: dict | None = None) -> None:
     """Write params.json, consolidated.00.pth and tokenizer.model into `out` (created; must be empty or absent)."""
     if variant not in VARIANTS:
         raise HarnessError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise HarnessError(f"{out}: output directory is not empty; choose a new directory")
-    if not out.parent.is_dir():
-        raise HarnessError(f"{out}: parent folder {out.parent} does not exist")
+    _check_new_dir(out)
     ranks = train_tokenizer(CORPUS.read_text(encoding="utf-8"), N_MERGES)
     p = dict(params or VARIANTS[variant])
     p["vocab_size"] = p.get("vocab_size", len(ranks) + NUM_RESERVED_SPECIAL_TOKENS)
+    created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
         (out / "params.json").write_text(json.dumps(p, indent=2) + "\n")
@@ -78,6 +85,8 @@ def make_tiny_meta(out: Path, *, seed: int = 0, variant: str = "3.0", params: di
     except BaseException:
         for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):
             (out / f).unlink(missing_ok=True)
+        if created:
+            out.rmdir()
         raise
 
 
@@ -92,8 +101,7 @@ def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "met
     from .convert import convert
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise HarnessError(f"{out}: output directory is not empty; choose a new directory")
+    _check_new_dir(out)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         make_tiny_meta(Path(tmp) / "meta", seed=seed, variant=variant)
         convert(Path(tmp) / "meta", out, to="hf")

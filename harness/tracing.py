@@ -98,8 +98,10 @@ def _temporary_path(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise HarnessError(f"{path}: {path.parent} is a file, not a folder; choose an output path in a folder")
     if not path.parent.is_dir():
-        raise HarnessError(f"{path}: output folder {path.parent} does not exist")
+        raise HarnessError(f"{path}: output folder {path.parent} does not exist; create it first")
     if path.is_dir():
         raise HarnessError(f"{path}: is a folder, expected a file name")
     tmp = _temporary_path(path)
@@ -125,7 +127,8 @@ def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, **me
         try:
             file = h5py.File(tmp, "w")
         except OSError as e:
-            raise HarnessError(f"{path}: cannot write ({e.strerror or e})") from None
+            reason = os.strerror(e.errno) if e.errno else str(e)  # h5py's strerror is a paragraph; errno says it
+            raise HarnessError(f"{path}: cannot write in {Path(path).parent} ({reason})") from None
         with file:
             file.attrs["format_version"] = FORMAT_VERSION
             file.attrs["encoding"] = "llama3-harness-trace"
@@ -154,9 +157,10 @@ class Trace:
         if version is None:
             self.file.close()
             raise HarnessError(f"{self.path}: not a harness trace (no format_version attribute)")
-        if int(version) != FORMAT_VERSION:
+        if not isinstance(version, (int, np.integer)) or int(version) != FORMAT_VERSION:
             self.file.close()
-            raise HarnessError(f"{self.path}: trace format version {int(version)}, this harness reads version {FORMAT_VERSION}")
+            shown = int(version) if isinstance(version, (int, np.integer)) else repr(version)
+            raise HarnessError(f"{self.path}: trace format version {shown}, this harness reads version {FORMAT_VERSION}")
         found: list[str] = []
         self.file.visititems(lambda p, obj: found.append(obj.attrs.get("name", canon.from_path(p))) if isinstance(obj, h5py.Dataset) else None)
         self._all = sorted(found, key=canon.order_key)
