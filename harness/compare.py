@@ -1,0 +1,352 @@
+"""Compare two traces name by name under bf16-aware tolerances and find the first divergence in forward order.
+
+A is the reference side, B the implementation judged. With a float64 oracle in A (names "_oracle.*") each name's
+bound is calibrated on the reference's own rounding; without one, B is held to A under a fixed dtype-based bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import names as canon
+from .errors import HarnessError
+from .tracing import Trace, atomic_path, load_trace
+
+ORACLE_PREFIX = "_oracle."
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tolerance table: every constant of the rule, each with the measurement that chose it.
+#
+# Error of a name: relative L2 error against the truth, ||x - truth|| / ||truth||, over the whole tensor.
+# Oracle mode: truth = the reference run in float64 (A's "_oracle.NAME");
+#   floor = error of the reference in the target dtype (A's NAME); error = error of B's NAME;
+#   bound = FLOOR_FACTOR * (floor + ABS_TERM_ULPS * u), u = unit roundoff of the less precise of the two dtypes;
+#   B passes NAME when error <= bound. `floor_ratio` = error / (floor + ABS_TERM_ULPS * u) is what the heat maps show.
+# Direct mode (no oracle): truth = A; B passes when ||B - A|| <= rtol * ||A|| + atol * sqrt(numel).
+# Every name reports ratio = error / bound: a name passes when ratio <= 1.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Unit roundoff (half an ulp at 1) of each dtype a trace can be computed in.
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+# How many times the reference's own error (its floor) an implementation may reach. Measured (HF LlamaForCausalLM,
+# eager, vs the notebook-style scratch forward; tiny checkpoints 3.0 seeds 0-3, 3.1, 3.2): correct runs reach at most
+# 1.51x the floor in bfloat16 (always at layers.0.attention_norm: the notebook's RMSNorm runs in bf16 throughout, HF's
+# in float32) and 1.13x in float32; the issue's 8-layer 2048-wide model: 1.0-1.2x. Known bugs sit from about 13x
+# (tests/test_mutations.py prints the margin; the weakest is GELU for SiLU in bfloat16); the issue's wrong rope_theta
+# at 10-14x. 4 is 2.6x above the worst correct run and below the weakest bug by more than that.
+FLOOR_FACTOR = 4.0
+
+# Absolute term, in units of u, added to the floor: a name the reference computes exactly (embeddings: a gather) has
+# floor 0, while a correct implementation that rounds once more there has an error of about u/sqrt(3) (0.58 u, one
+# uniform rounding). FLOOR_FACTOR * 0.25 u = 1 u covers that; at layer 0 floors are already ~0.6 u (bf16: 0.0023),
+# so the term never dominates a bound where a bug could hide.
+ABS_TERM_ULPS = 0.25
+
+# Direct mode (no oracle), by the less precise dtype of the two sides: a relative L2 bound and an RMS absolute term.
+# Coarse by design: the difference of two correct runs grows with depth and width. Measured, scratch vs HF on the
+# tiny checkpoints (3 layers): bfloat16 up to 4.3% relative L2, float32 up to 1.2e-6, float64 ~1e-15; the issue's
+# floors (1.8% after 8 layers) put two correct bf16 runs ~2.8% apart there. Hence bfloat16 0.1, float16 the same
+# scaled by its 8x smaller unit roundoff, float32 1e-5, float64 1e-10. atol about one unit roundoff, as an RMS: keeps
+# all-zero tensors and their tiny neighbours comparable. Golden files use their own tighter table (harness/golden.py).
+DIRECT_RTOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 1e-1, "float16": 1.5e-2}
+DIRECT_ATOL = {"float64": 1e-15, "float32": 1e-7, "bfloat16": 4e-3, "float16": 5e-4}
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NameResult:
+    """One name's verdict and metrics; every error is against the truth (the oracle, or A in direct mode)."""
+
+    name: str
+    passed: bool
+    max_abs: float
+    max_rel: float
+    rel_l2: float
+    cosine: float
+    ratio: float  # rel_l2 / bound: passes when <= 1
+    bound: float
+    against: str  # "oracle" or "A"
+    floor: float | None = None  # the reference's own rel_l2 against the oracle
+    floor_ratio: float | None = None  # rel_l2 / (floor + absolute term): the calibration quantity
+    dtype_a: str = ""
+    dtype_b: str = ""
+    layer: int | None = None
+    head: int | None = None
+    worst_position: int | None = None  # token index of the largest absolute error
+    worst_token: str | None = None
+    nonfinite: str | None = None  # set when NaN/Inf appear on one side and not the other
+    logits: dict[str, Any] | None = None  # top-1/top-5 agreement and KL for `logits`
+
+
+@dataclass
+class Comparison:
+    path_a: str
+    path_b: str
+    passed: bool
+    first_divergence: str | None
+    first_nonfinite: str | None
+    results: list[NameResult]
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+    mode: str = "oracle"  # "oracle", "direct" or "mixed"
+    tokens: list[int] | None = None
+    token_texts: list[str] | None = None
+    attrs_a: dict[str, Any] = field(default_factory=dict)
+    attrs_b: dict[str, Any] = field(default_factory=dict)
+
+    def result(self, name: str) -> NameResult | None:
+        return next((r for r in self.results if r.name == name), None)
+
+    @property
+    def failed(self) -> list[NameResult]:
+        return [r for r in self.results if not r.passed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "first_divergence": self.first_divergence,
+            "first_nonfinite": self.first_nonfinite,
+            "mode": self.mode,
+            "a": self.path_a,
+            "b": self.path_b,
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "constants": {"floor_factor": FLOOR_FACTOR, "abs_term_ulps": ABS_TERM_ULPS},
+            "results": [_finite_json(asdict(r)) for r in self.results],
+        }
+
+
+def _finite_json(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no inf/nan: write them as strings so the file stays standard JSON."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def write_json(comparison: Comparison, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(comparison.to_json(), indent=1) + "\n", encoding="utf-8")
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------------------
+
+
+def rel_l2(x: torch.Tensor, truth: torch.Tensor) -> float:
+    """||x - truth|| / ||truth|| (0 when both are zero, inf when only the truth is)."""
+    diff = float(torch.linalg.vector_norm(x - truth))
+    norm = float(torch.linalg.vector_norm(truth))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def cosine(x: torch.Tensor, truth: torch.Tensor) -> float:
+    nx, nt = float(torch.linalg.vector_norm(x)), float(torch.linalg.vector_norm(truth))
+    if nx == 0.0 or nt == 0.0:
+        return 1.0 if nx == nt else 0.0
+    return float((x.flatten() @ truth.flatten()) / (nx * nt))
+
+
+def max_rel(x: torch.Tensor, truth: torch.Tensor) -> float:
+    nonzero = truth != 0
+    if not bool(nonzero.any()):
+        return 0.0 if bool((x == truth).all()) else math.inf
+    return float(((x - truth).abs()[nonzero] / truth.abs()[nonzero]).max())
+
+
+def _nonfinite_mismatch(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Where NaN/Inf appear on one side and not the other, say how many and where first; None if they agree."""
+    bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
+    same = (bad_a == bad_b) & (torch.isnan(a) == torch.isnan(b)) & (~bad_a | torch.isnan(a) | (a == b))
+    if bool(same.all()):
+        return None
+    where = (~same).nonzero()[0].tolist()
+    n = int((~same).sum())
+    return f"{n} of {a.numel()} values non-finite on one side only (first at index {tuple(where)}: A={float(a[tuple(where)])}, B={float(b[tuple(where)])})"
+
+
+def logits_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """Per position: B's top-1 equals A's, overlap of the top-5 sets, KL(softmax(A) || softmax(B))."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # [T, V]
+    k = min(5, a.shape[-1])
+    top1 = (a.argmax(-1) == b.argmax(-1)).tolist()
+    top_a, top_b = a.topk(k, -1).indices, b.topk(k, -1).indices  # [T, k]
+    top5 = [len(set(x) & set(y)) / k for x, y in zip(top_a.tolist(), top_b.tolist())]
+    log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).tolist()  # [T]
+    return {
+        "top1": top1,
+        "top5": top5,
+        "kl": kl,
+        "top1_rate": sum(top1) / len(top1),
+        "top5_rate": sum(top5) / len(top5),
+        "kl_mean": sum(kl) / len(kl),
+        "kl_max": max(kl),
+        "next_token_a": int(a[-1].argmax()),
+        "next_token_b": int(b[-1].argmax()),
+    }
+
+
+# ---- the rule ---------------------------------------------------------------------------------------------------------
+
+
+def _less_precise(*dtypes: str) -> str:
+    known = [d for d in dtypes if d in UNIT_ROUNDOFF]
+    return max(known, key=UNIT_ROUNDOFF.__getitem__) if known else "float32"
+
+
+def oracle_bound(floor: float, dtype: str) -> float:
+    """The calibrated bound on an implementation's rel_l2 against the oracle."""
+    return FLOOR_FACTOR * (floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype])
+
+
+def direct_bound(truth: torch.Tensor, dtype: str, rtol: float | None, atol: float | None) -> float:
+    """`||B - A|| <= rtol ||A|| + atol sqrt(n)` as a bound on rel_l2 (inf-free: a zero A gives atol's share)."""
+    rtol = DIRECT_RTOL[dtype] if rtol is None else rtol
+    atol = DIRECT_ATOL[dtype] if atol is None else atol
+    norm = float(torch.linalg.vector_norm(truth))
+    absolute = atol * math.sqrt(truth.numel())
+    return rtol + (absolute / norm if norm > 0 else (math.inf if absolute > 0 else 0.0))
+
+
+def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, oracle: torch.Tensor | None = None,
+                    dtype_a: str = "float32", dtype_b: str = "float32", rtol: float | None = None,
+                    atol: float | None = None) -> NameResult:
+    """One name: B against the oracle (when given, with A's floor) or against A."""
+    a, b = a.double(), b.double()
+    layer, head, _ = canon.parse(name)
+    dtype = _less_precise(dtype_a, dtype_b)
+    nonfinite = _nonfinite_mismatch(a, b)
+    truth = oracle.double() if oracle is not None else a
+    finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
+    a_f, b_f, t_f = a[finite], b[finite], truth[finite]
+    error = rel_l2(b_f, t_f)
+    floor = floor_ratio = None
+    if oracle is not None:
+        floor = rel_l2(a_f, t_f)
+        bound = oracle_bound(floor, dtype)
+        floor_ratio = error * FLOOR_FACTOR / bound if bound > 0 else (0.0 if error == 0 else math.inf)
+    else:
+        bound = direct_bound(t_f, dtype, rtol, atol)
+    ratio = error / bound if bound > 0 else (0.0 if error == 0 else math.inf)
+    passed = nonfinite is None and error <= bound
+    if nonfinite is not None:
+        ratio = math.inf
+    abs_err = torch.where(finite, (b - truth).abs(), torch.zeros_like(b))
+    abs_err = torch.where(finite, abs_err, torch.full_like(b, math.inf)) if nonfinite else abs_err
+    worst = None
+    axes = canon.axes(name)
+    if abs_err.numel() and axes and axes[0] == "T" and abs_err.dim() == len(axes) and float(abs_err.max()) > 0:
+        worst = int(torch.unravel_index(abs_err.argmax(), abs_err.shape)[0])
+    return NameResult(
+        name=name, passed=passed, max_abs=float(abs_err[finite].max()) if bool(finite.any()) else 0.0,
+        max_rel=max_rel(b_f, t_f), rel_l2=error, cosine=cosine(b_f, t_f), ratio=ratio, bound=bound,
+        against="oracle" if oracle is not None else "A", floor=floor, floor_ratio=floor_ratio, dtype_a=dtype_a,
+        dtype_b=dtype_b, layer=layer, head=head, worst_position=worst, nonfinite=nonfinite,
+        logits=logits_metrics(a, b) if name == "logits" and nonfinite is None and a.dim() >= 1 else None,
+    )  # fmt: skip
+
+
+# ---- two traces -------------------------------------------------------------------------------------------------------
+
+
+def _check_comparable(a: Trace, b: Trace, common: list[str]) -> None:
+    """Raise HarnessError (exit 2) when the traces are not runs of the same model on the same tokens."""
+    ca, cb = a.attrs.get("checkpoint"), b.attrs.get("checkpoint")
+    if ca is not None and cb is not None and ca != cb:
+        raise HarnessError(f"traces come from different checkpoints: {a.path} has {ca!r}, {b.path} has {cb!r}")
+    if "tokens" in a and "tokens" in b and a.tokens != b.tokens:
+        ta, tb = a.tokens, b.tokens
+        at = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+        raise HarnessError(f"traces ran different tokens: {a.path} has {len(ta)}, {b.path} has {len(tb)}, first difference at position {at}")
+    if not common:
+        raise HarnessError(f"nothing to compare: {a.path} and {b.path} have no tensor names in common besides 'tokens'")
+    for name in common:
+        if a.shape(name) != b.shape(name):
+            raise HarnessError(f"{name!r} has shape {list(a.shape(name))} in {a.path} and {list(b.shape(name))} in {b.path}")
+
+
+def _dtype_of(trace: Trace, run_dtype: object, name: str) -> str:
+    """The run's working dtype (attr `dtype`), else the name's own: bf16 runs record some names in float32."""
+    return run_dtype if run_dtype in UNIT_ROUNDOFF else trace.dtype(name)
+
+
+def _oracle_side(a: Trace, b: Trace) -> tuple[Trace, Trace, bool]:
+    """The side holding a float64 oracle is the reference side; B judged. Swapped when only B holds one."""
+    if any(n.startswith(ORACLE_PREFIX) for n in a.extra_names):
+        return a, b, False
+    if any(n.startswith(ORACLE_PREFIX) for n in b.extra_names):
+        return b, a, True
+    return a, b, False
+
+
+def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol: float | None = None,
+                   atol: float | None = None, token_text: Callable[[int], str] | None = None) -> Comparison:
+    """Compare every name present in both traces; A is the reference side.
+
+    Calibrated against A's oracle when it has one (B's, when only B has one); `rtol`/`atol` force the fixed direct
+    bound instead. `token_text(id)` turns the worst positions into text.
+    """
+    with load_trace(path_a) as a, load_trace(path_b) as b:
+        common = [n for n in a.names if n in b and n != "tokens"]
+        _check_comparable(a, b, common)
+        ref, impl, swapped = _oracle_side(a, b)
+        use_oracle = rtol is None and atol is None
+        oracles = set(ref.extra_names) if use_oracle else set()
+        run_ref, run_impl = ref.attrs.get("dtype"), impl.attrs.get("dtype")
+        results = []
+        for name in common:
+            oracle = ref[ORACLE_PREFIX + name] if ORACLE_PREFIX + name in oracles else None
+            results.append(compare_tensors(name, ref[name], impl[name], oracle=oracle, dtype_a=_dtype_of(ref, run_ref, name),
+                                           dtype_b=_dtype_of(impl, run_impl, name), rtol=rtol, atol=atol))  # fmt: skip
+        tokens = a.tokens if "tokens" in a else (b.tokens if "tokens" in b else None)
+        if tokens is None and isinstance(a.attrs.get("tokens"), list):
+            tokens = [int(t) for t in a.attrs["tokens"]]
+        only_a = [n for n in a.names if n not in b and n != "tokens"]
+        only_b = [n for n in b.names if n not in a and n != "tokens"]
+        attrs_a, attrs_b = a.attrs, b.attrs
+    token_texts = None
+    if tokens is not None and token_text is not None:
+        token_texts = [token_text(t) for t in tokens]
+        for r in results:
+            if r.worst_position is not None and r.worst_position < len(token_texts):
+                r.worst_token = token_texts[r.worst_position]
+    against = {r.against for r in results}
+    failed = [r for r in results if not r.passed]
+    nonfinite = [r for r in results if r.nonfinite]
+    if swapped:
+        attrs_a, attrs_b = attrs_b, attrs_a
+    return Comparison(
+        path_a=str(path_a), path_b=str(path_b), passed=not failed, first_divergence=failed[0].name if failed else None,
+        first_nonfinite=nonfinite[0].name if nonfinite else None, results=results, only_in_a=only_a, only_in_b=only_b,
+        mode="mixed" if len(against) > 1 else ("oracle" if against == {"oracle"} else "direct"), tokens=tokens,
+        token_texts=token_texts, attrs_a=attrs_a, attrs_b=attrs_b,
+    )  # fmt: skip
+
+
+def tokenizer_for(attrs: dict[str, Any]) -> Callable[[int], str] | None:
+    """Token text from the checkpoint a trace names (attr `checkpoint_path`), when it is still there; else None."""
+    path = attrs.get("checkpoint_path")
+    if not isinstance(path, str) or not Path(path).is_dir():
+        return None
+    try:
+        from .checkpoint import open_checkpoint
+        from .tokenizer import load_tokenizer
+
+        ckpt = open_checkpoint(path)
+        enc = load_tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
+    except HarnessError:
+        return None
+    if enc is None:
+        return None
+    return lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace") if t < enc.n_vocab else f"<{t}>"
+
+
+__all__ = ["Comparison", "NameResult", "compare_tensors", "compare_traces", "write_json"]

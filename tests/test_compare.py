@@ -1,0 +1,203 @@
+"""compare and verify: the tolerance rule, non-finite values, first divergence, exit codes, JSON, the report.
+
+Synthetic traces are written through the public `harness.tracing(path)` + `record` API, as anybody's code would;
+the end-to-end tests trace the Hugging Face reference and the from-scratch forward on the tiny checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import record, tracing
+from harness.cli import main
+from harness.compare import (ABS_TERM_ULPS, DIRECT_RTOL, FLOOR_FACTOR, ORACLE_PREFIX, UNIT_ROUNDOFF, compare_traces,
+                             oracle_bound)  # fmt: skip
+from harness.checkpoint import open_checkpoint
+
+TOKENS = [1, 5, 7, 2, 9, 4]
+T = len(TOKENS)
+
+
+def write_trace(path: Path, tensors: dict[str, torch.Tensor], tokens=TOKENS, **metadata) -> Path:
+    """A bare trace: `tokens` and the given names, recorded in the given order; metadata only if asked for."""
+    with tracing(path, **metadata):
+        if tokens is not None:
+            record("tokens", torch.tensor(tokens))
+        for name, value in tensors.items():
+            record(name, value)
+    return path
+
+
+def noisy(x: torch.Tensor, rel: float, seed: int) -> torch.Tensor:
+    """`x` plus Gaussian noise of relative L2 size `rel`."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    return x + noise * (rel * x.norm() / noise.norm())
+
+
+@pytest.fixture
+def base() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    names = ["embeddings", "layers.0.attention_norm", "layers.0.attention.heads.0.probs", "layers.0.output",
+             "layers.1.output", "layers.10.output", "norm", "logits"]  # fmt: skip
+    return {n: torch.randn((T, T) if n.endswith("probs") else (T, 16), generator=g, dtype=torch.float64) for n in names}
+
+
+def test_identical_bare_traces_pass_and_json_has_the_documented_keys(tmp_path, base):
+    a = write_trace(tmp_path / "a.h5", base)
+    b = write_trace(tmp_path / "b.h5", base)
+    code = main(["compare", str(a), str(b), "--json", str(tmp_path / "out.json")])
+    assert code == 0, "identical traces must compare equal (exit 0)"
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["passed"] is True and report["first_divergence"] is None, report
+    assert [r["name"] for r in report["results"]] == list(base), "every common name but tokens, in forward order"
+    for r in report["results"]:
+        missing = {"name", "passed", "max_abs", "rel_l2", "cosine", "ratio", "bound"} - set(r)
+        assert not missing, f"JSON result for {r['name']} lacks {missing}"
+
+
+def test_only_common_names_are_compared_and_missing_ones_are_listed(tmp_path, base):
+    a = write_trace(tmp_path / "a.h5", base)
+    partial = {k: v for k, v in base.items() if k in ("layers.0.output", "logits")} | {"layers.0.mine": torch.ones(T, 3)}
+    b = write_trace(tmp_path / "b.h5", partial)
+    c = compare_traces(a, b)
+    assert c.passed, "names missing on one side are not failures"
+    assert [r.name for r in c.results] == ["layers.0.output", "logits"], [r.name for r in c.results]
+    assert "layers.1.output" in c.only_in_a and c.only_in_b == ["layers.0.mine"], (c.only_in_a, c.only_in_b)
+
+
+@pytest.mark.parametrize("problem", ["nothing_in_common", "tokens", "checkpoint", "shape", "unreadable"])
+def test_traces_that_cannot_be_compared_exit_2(tmp_path, base, problem, capsys):
+    a = write_trace(tmp_path / "a.h5", base, checkpoint="sha-1")
+    if problem == "nothing_in_common":
+        b = write_trace(tmp_path / "b.h5", {"layers.0.other": torch.ones(T, 2)})
+    elif problem == "tokens":
+        b = write_trace(tmp_path / "b.h5", base, tokens=TOKENS[:-1] + [3])
+    elif problem == "checkpoint":
+        b = write_trace(tmp_path / "b.h5", base, checkpoint="sha-2")
+    elif problem == "shape":
+        b = write_trace(tmp_path / "b.h5", base | {"layers.0.output": torch.zeros(T, 8)})
+    else:
+        b = tmp_path / "b.h5"
+        b.write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    assert main(["compare", str(a), str(b)]) == 2, f"{problem}: expected exit 2"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, f"{problem}: expected one error line, got {err!r}"
+
+
+def test_the_oracle_rule_passes_the_reference_rounding_and_fails_ten_times_it(tmp_path):
+    """A = oracle + 1% noise (its floor); B at 1.2x the floor passes, at 10x fails (the issue's correct/wrong numbers)."""
+    oracle = torch.randn(T, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
+    ref = {"layers.0.output": noisy(oracle, 0.01, 3), ORACLE_PREFIX + "layers.0.output": oracle}
+    a = write_trace(tmp_path / "a.h5", ref, dtype="bfloat16")
+    good = write_trace(tmp_path / "good.h5", {"layers.0.output": noisy(oracle, 0.012, 4)}, dtype="bfloat16")
+    bad = write_trace(tmp_path / "bad.h5", {"layers.0.output": noisy(oracle, 0.10, 5)}, dtype="bfloat16")
+    ok, wrong = compare_traces(a, good).results[0], compare_traces(a, bad).results[0]
+    expected_bound = FLOOR_FACTOR * (0.01 + ABS_TERM_ULPS * UNIT_ROUNDOFF["bfloat16"])
+    assert ok.against == "oracle" and ok.floor == pytest.approx(0.01, rel=1e-6), ok
+    assert ok.bound == pytest.approx(expected_bound, rel=1e-6), (ok.bound, expected_bound)
+    assert ok.passed and ok.floor_ratio == pytest.approx(0.012 / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3), ok
+    assert not wrong.passed and wrong.ratio > 1, f"10x the floor must fail: {wrong}"
+
+
+def test_without_an_oracle_rtol_and_atol_set_the_bound(tmp_path, base):
+    a = write_trace(tmp_path / "a.h5", base)
+    b = write_trace(tmp_path / "b.h5", {k: v * (1 + 1e-3) for k, v in base.items()}, dtype="bfloat16")
+    assert compare_traces(a, b).passed, f"0.1% is inside the bfloat16 default ({DIRECT_RTOL['bfloat16']})"
+    assert main(["compare", str(a), str(b), "--rtol", "1e-4", "--atol", "0"]) == 1, "0.1% must fail rtol 1e-4"
+    assert main(["compare", str(a), str(b), "--rtol", "1e-2", "--atol", "0"]) == 0, "0.1% must pass rtol 1e-2"
+
+
+def test_first_divergence_is_the_earliest_failure_in_forward_order(tmp_path, base):
+    a = write_trace(tmp_path / "a.h5", base)
+    broken = dict(reversed(list(base.items())))  # recorded in reverse: the order on file must not matter
+    for name in ("layers.10.output", "layers.1.output", "layers.0.attention.heads.0.probs", "logits"):
+        broken[name] = base[name] + 1.0
+    c = compare_traces(a, write_trace(tmp_path / "b.h5", broken))
+    assert not c.passed
+    assert c.first_divergence == "layers.0.attention.heads.0.probs", f"got {c.first_divergence}"
+    assert [r.name for r in c.failed] == ["layers.0.attention.heads.0.probs", "layers.1.output", "layers.10.output", "logits"]
+    assert c.result("layers.0.attention.heads.0.probs").head == 0
+
+
+def test_non_finite_values_on_one_side_fail_and_are_named(tmp_path, base, capsys):
+    a_tensors = base | {"layers.0.attention.heads.0.probs": base["layers.0.attention.heads.0.probs"].clone()}
+    a_tensors["layers.0.attention.heads.0.probs"][0, 3] = float("-inf")  # both sides: not a divergence
+    b_tensors = {k: v.clone() for k, v in a_tensors.items()}
+    b_tensors["layers.0.output"][2, 5] = float("nan")
+    a, b = write_trace(tmp_path / "a.h5", a_tensors), write_trace(tmp_path / "b.h5", b_tensors)
+    c = compare_traces(a, b)
+    assert c.result("layers.0.attention.heads.0.probs").passed, "the same -inf on both sides is not a divergence"
+    assert c.first_divergence == c.first_nonfinite == "layers.0.output", (c.first_divergence, c.first_nonfinite)
+    assert c.result("layers.0.output").worst_position == 2, "the worst position is where the NaN is"
+    assert main(["compare", str(a), str(b)]) == 1
+    assert "non-finite values first appear at layers.0.output" in capsys.readouterr().out
+
+
+def test_logits_metrics_count_agreement_per_position(tmp_path, base):
+    logits = torch.randn(T, 50, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    swapped = logits.clone()
+    top2 = logits[3].topk(2).indices
+    swapped[3, top2[0]], swapped[3, top2[1]] = logits[3, top2[1]], logits[3, top2[0]]  # position 3 predicts its 2nd
+    c = compare_traces(write_trace(tmp_path / "a.h5", {"logits": logits}), write_trace(tmp_path / "b.h5", {"logits": swapped}))
+    m = c.result("logits").logits
+    assert m["top1"] == [True, True, True, False, True, True], m["top1"]
+    assert m["top5_rate"] == 1.0 and m["kl"][0] == 0.0 and m["kl"][3] > 0, m
+
+
+# ---- end to end: verify on the tiny checkpoints ------------------------------------------------------------------------
+
+
+def test_verify_passes_and_writes_its_report(verified, case):
+    """Every case of the suite (each tiny variant in float32 and bfloat16 by default), traced once per session."""
+    run = verified(case)
+    c = run.comparison
+    worst = max(c["results"], key=lambda r: float(r["ratio"]))
+    assert c["mode"] == "oracle", f"verify must calibrate on the reference's float64 oracle, got mode {c['mode']}"
+    assert c["passed"], f"{case.id}: the correct forward diverged at {c['first_divergence']}"
+    print(f"{case.id}: largest ratio {worst['ratio']:.3f} ({worst['floor_ratio']:.2f}x floor) at {worst['name']}")
+    for f in ("reference.h5", "scratch.h5", "comparison.json", "report.html", "heads.png", "depth.png", "attention.png"):
+        assert (run.out / f).is_file(), f"verify did not write {f} into {run.out}"
+
+
+def _drop_ffn_norm_weight_in_layer_1(original):
+    def layer_weights(ckpt, layer, dtype, device):
+        w = original(ckpt, layer, dtype, device)
+        if layer == 1:
+            w["ffn_norm"] = torch.ones_like(w["ffn_norm"])
+        return w
+
+    return layer_weights
+
+
+def test_isolated_verify_confines_a_bug_to_its_layer_and_exits_1(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A bug in layer 1 only: isolated, layer 2 gets the reference's input and passes; end to end it would not."""
+    from harness import scratch
+
+    monkeypatch.setattr(scratch, "layer_weights", _drop_ffn_norm_weight_in_layer_1(scratch.layer_weights))
+    out = tmp_path / "v"
+    code = main(["verify", str(tiny_checkpoint("3.0")), "--out", str(out), "--dtype", "bfloat16", "--isolated"])
+    assert code == 1, f"a diverging forward must exit 1, got {code}"
+    c = json.loads((out / "comparison.json").read_text())
+    failed = [r["name"] for r in c["results"] if not r["passed"]]
+    assert c["first_divergence"] == "layers.1.ffn_norm", c["first_divergence"]
+    assert all(n.startswith("layers.1.") for n in failed), f"isolated mode let the bug leak out of layer 1: {failed}"
+    assert "layers.1.output" in failed, failed
+    printed = capsys.readouterr().out
+    assert "first divergence: layers.1.ffn_norm" in printed and "next token: reference" in printed, printed
+    # end to end, the same bug drifts into layer 2 and the logits
+    from harness.compare import compare_traces
+    from harness.runner import trace_scratch
+
+    trace_scratch(open_checkpoint(tiny_checkpoint("3.0")), tmp_path / "e2e.h5", dtype="bfloat16")
+    e2e = compare_traces(out / "reference.h5", tmp_path / "e2e.h5")
+    assert not e2e.result("layers.2.output").passed, "without isolation the layer-1 bug should reach layer 2"
+
+
+def test_verify_refuses_an_output_folder_without_a_parent(tiny_checkpoint, tmp_path, capsys):
+    code = main(["verify", str(tiny_checkpoint("3.0")), "--out", str(tmp_path / "missing" / "out")])
+    assert code == 2, f"expected exit 2, got {code}"
+    assert "does not exist" in capsys.readouterr().err
