@@ -1,0 +1,151 @@
+"""Meta <-> Hugging Face checkpoint conversion (transformers 5.x no longer ships convert_llama_weights_to_hf.py).
+
+HF: config.json, model.safetensors (q/k rows permuted for rotate_half), generation_config.json, a tokenizer made
+from tokenizer.model by transformers' TikTokenConverter, and tokenizer.model kept in original/ as Meta's HF repos do.
+Meta: params.json, consolidated.00.pth, tokenizer.model. Written in a temporary sibling folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import hf_layout
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import ModelConfig, ffn_dim_from_meta
+from .errors import HarnessError
+from .tokenizer import BOS, PAT_STR, SPECIAL_TOKENS, load_tokenizer, write_tokenizer_model
+
+
+@contextmanager
+def _new_directory(dst: Path):
+    """Yield a temporary sibling of `dst`; it becomes `dst` only if the block succeeds (dst must be new or empty)."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise HarnessError(f"{dst}: output exists and is not an empty directory; choose a new directory")
+    if not dst.parent.is_dir():
+        raise HarnessError(f"{dst}: parent folder {dst.parent} does not exist; create it first")
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    try:
+        yield tmp
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def convert(src: str | Path, dst: str | Path, *, to: str) -> None:
+    """Write the checkpoint at `src` (Meta or HF) into the new directory `dst` in the other format."""
+    if to not in ("hf", "meta"):
+        raise HarnessError(f"unknown target format {to!r}; choose hf or meta")
+    ckpt = open_checkpoint(src)
+    if ckpt.tokenizer_path is None:
+        raise HarnessError(f"{ckpt.path}: no tokenizer.model or tokenizer.json to convert")
+    with _new_directory(Path(dst)) as out:
+        (write_hf if to == "hf" else write_meta)(ckpt, out)
+
+
+# ---- to Hugging Face ---------------------------------------------------------------------------------------------
+
+
+def write_hf(ckpt: Checkpoint, out: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from .reference import hf_config
+
+    config = ckpt.config
+    enc = load_tokenizer(ckpt.tokenizer_path)
+    cfg = hf_config(config)
+    cfg.bos_token_id, cfg.eos_token_id = enc.encode_single_token(BOS), enc.encode_single_token("<|end_of_text|>")
+    cfg.dtype = _dtype_name(ckpt.tensor("tok_embeddings.weight").dtype)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(out)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(out)
+    tensors = {}
+    for name in ckpt.names():
+        if name == "output.weight" and config.tie_word_embeddings:
+            continue  # tied: HF keeps only model.embed_tokens.weight
+        t = ckpt.tensor(name)
+        if heads := hf_layout.heads_of(name):
+            t = hf_layout.permute_to_hf(t, getattr(config, heads))
+        tensors[hf_layout.meta_to_hf_name(name)] = t.contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_hf_tokenizer(ckpt.tokenizer_path, out)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_hf_tokenizer(tokenizer_model: Path, out: Path) -> None:
+    """tokenizer.json etc. by transformers' TikTokenConverter (5.x: `extra_special_tokens`), BOS prepended."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    if tokenizer_model.suffix == ".json":  # an HF source without tokenizer.model: rebuild one from tokenizer.json
+        enc = load_tokenizer(tokenizer_model)
+        tokenizer_model = out / ".tokenizer.model"
+        write_tokenizer_model(enc._mergeable_ranks, tokenizer_model)
+    tokenizer = TikTokenConverter(vocab_file=str(tokenizer_model), pattern=PAT_STR, extra_special_tokens=SPECIAL_TOKENS).converted()
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
+    ])  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token="<|end_of_text|>",
+                                   model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=True)  # fmt: skip
+    fast.save_pretrained(out)
+    (out / "original").mkdir(exist_ok=True)
+    shutil.copyfile(tokenizer_model, out / "original" / "tokenizer.model")
+    if tokenizer_model.name == ".tokenizer.model":
+        tokenizer_model.unlink()
+
+
+# ---- to Meta ------------------------------------------------------------------------------------------------------
+
+
+def meta_params(config: ModelConfig) -> dict:
+    """params.json as Meta writes it; `multiple_of`/`ffn_dim_multiplier` found when the source (HF) lacks them."""
+    multiple_of, multiplier = config.multiple_of, config.ffn_dim_multiplier
+    if multiple_of is None:
+        multiple_of, multiplier = _find_ffn_params(config.dim, config.ffn_dim)
+    params = dict(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
+                  vocab_size=config.vocab_size, multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+                  norm_eps=config.norm_eps, rope_theta=config.rope_theta)  # fmt: skip
+    if multiplier is None:
+        del params["ffn_dim_multiplier"]
+    if s := config.rope_scaling:
+        params["use_scaled_rope"] = True
+        if s.factor != 8.0:  # Meta's code hard-codes 8; say so when it is not
+            params["rope_scaling_factor"] = s.factor
+    return params
+
+
+def _find_ffn_params(dim: int, ffn_dim: int) -> tuple[int, float | None]:
+    """`multiple_of` and `ffn_dim_multiplier` that reproduce `ffn_dim` through Meta's formula (8B: 1024, 1.3)."""
+    for multiple_of in (1024, 4096, 256, 512, 2048, 128, 64, 32, 16, 8, 1):
+        if ffn_dim % multiple_of:
+            continue
+        for multiplier in (None, 1.3, 1.5, 1.2, 1.0, 2.0, round(ffn_dim / int(8 * dim / 3), 4)):
+            if ffn_dim_from_meta(dim, multiple_of, multiplier) == ffn_dim:
+                return multiple_of, multiplier
+    raise HarnessError(f"intermediate_size {ffn_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier for dim {dim}")
+
+
+def write_meta(ckpt: Checkpoint, out: Path) -> None:
+    (out / "params.json").write_text(json.dumps(meta_params(ckpt.config), indent=2) + "\n")
+    state_dict = {name: ckpt.tensor(name).contiguous() for name in ckpt.names()}  # output.weight even when tied
+    torch.save(state_dict, out / "consolidated.00.pth")
+    if ckpt.tokenizer_path.suffix == ".json":
+        write_tokenizer_model(load_tokenizer(ckpt.tokenizer_path)._mergeable_ranks, out / "tokenizer.model")
+    else:
+        shutil.copyfile(ckpt.tokenizer_path, out / "tokenizer.model")
