@@ -34,6 +34,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    convert(Path(args.src), Path(args.dst), to=args.to)
+    print(f"wrote a {'Hugging Face' if args.to == 'hf' else 'Meta'} checkpoint to {args.dst}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_traces, tokenizer_for, write_json
     from .report import text_report
@@ -108,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
     _add_run_options(p)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("convert", help="write a checkpoint in the other format (Meta <-> Hugging Face)")
+    p.add_argument("src", help="Meta or Hugging Face checkpoint directory")
+    p.add_argument("dst", help="new output directory")
+    p.add_argument("--to", required=True, choices=["hf", "meta"], help="target format")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compare", help="compare two traces; exit 1 if B diverges from A")
     p.add_argument("a", help="trace A: the reference side (its float64 oracle, if any, calibrates the bounds)")
