@@ -78,6 +78,10 @@ def suite_cases(config) -> list[Case]:
 def pytest_configure(config):
     from harness.errors import HarnessError
 
+    if hasattr(config, "workerinput"):  # an xdist worker: one torch thread each, so N workers use N cores, not N^2
+        import torch
+
+        torch.set_num_threads(1)
     try:
         config._llama3_cases = suite_cases(config)
     except HarnessError as e:
@@ -185,3 +189,21 @@ def verified(request, shared_dir):
         return cache[case.id]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep each shared computation's tests on one xdist worker (`--dist loadgroup`), so that workers compute
+    different cases side by side instead of waiting on each other's file lock."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        group = None
+        for key in ("head_case", "layer_case", "case"):
+            if key in params:
+                value = params[key]
+                group = (value[0] if isinstance(value, tuple) else value).id
+        if group is None:
+            group = getattr(item.module, "XDIST_GROUP", None)
+            if callable(group):
+                group = group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -147,6 +147,11 @@ CORRECT = [(f"3.0-seed{s}", "3.0", s, None) for s in range(5)] + [
 ]  # fmt: skip
 
 
+def XDIST_GROUP(item) -> str:
+    """The conftest's xdist grouping: the mutant tests share one computation, the correct runs another."""
+    return "mutants" if "mutant" in item.name else "correct-runs"
+
+
 # ---- traced once per session ----------------------------------------------------------------------------------------
 
 
