@@ -124,17 +124,28 @@ def test_first_divergence_is_the_earliest_failure_in_forward_order(tmp_path, bas
 
 
 def test_non_finite_values_on_one_side_fail_and_are_named(tmp_path, base, capsys):
-    a_tensors = base | {"layers.0.attention.heads.0.probs": base["layers.0.attention.heads.0.probs"].clone()}
-    a_tensors["layers.0.attention.heads.0.probs"][0, 3] = float("-inf")  # both sides: not a divergence
-    b_tensors = {k: v.clone() for k, v in a_tensors.items()}
+    b_tensors = {k: v.clone() for k, v in base.items()}
     b_tensors["layers.0.output"][2, 5] = float("nan")
-    a, b = write_trace(tmp_path / "a.h5", a_tensors), write_trace(tmp_path / "b.h5", b_tensors)
+    a, b = write_trace(tmp_path / "a.h5", base), write_trace(tmp_path / "b.h5", b_tensors)
     c = compare_traces(a, b)
-    assert c.result("layers.0.attention.heads.0.probs").passed, "the same -inf on both sides is not a divergence"
     assert c.first_divergence == c.first_nonfinite == "layers.0.output", (c.first_divergence, c.first_nonfinite)
+    assert "in B only" in c.result("layers.0.output").nonfinite
     assert c.result("layers.0.output").worst_position == 2, "the worst position is where the NaN is"
     assert main(["compare", str(a), str(b)]) == 1
     assert "non-finite values first appear at layers.0.output" in capsys.readouterr().out
+
+
+def test_non_finite_values_on_both_sides_are_not_agreement(tmp_path, base, capsys):
+    """NaN weights make NaN in both implementations: reported where they first appear, never compared as equal."""
+    tensors = {k: v.clone() for k, v in base.items()}
+    tensors["layers.0.attention.heads.0.probs"][0, 3] = float("nan")
+    tensors["layers.0.output"][1, 1] = float("inf")
+    a, b = write_trace(tmp_path / "a.h5", tensors), write_trace(tmp_path / "b.h5", tensors)
+    c = compare_traces(a, b)
+    assert not c.passed and c.first_nonfinite == c.first_divergence == "layers.0.attention.heads.0.probs"
+    assert "on both sides" in c.result("layers.0.attention.heads.0.probs").nonfinite
+    assert main(["compare", str(a), str(b)]) == 1
+    assert "non-finite values first appear at layers.0.attention.heads.0.probs" in capsys.readouterr().out
 
 
 def test_logits_metrics_count_agreement_per_position(tmp_path, base):
@@ -201,3 +212,34 @@ def test_verify_refuses_an_output_folder_without_a_parent(tiny_checkpoint, tmp_p
     code = main(["verify", str(tiny_checkpoint("3.0")), "--out", str(tmp_path / "missing" / "out")])
     assert code == 2, f"expected exit 2, got {code}"
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_different_dtypes_without_an_oracle_cannot_be_compared(tiny_checkpoint, tmp_path, capsys):
+    from harness.checkpoint import open_checkpoint
+    from harness.runner import trace_scratch
+
+    ckpt = open_checkpoint(tiny_checkpoint("3.0"))
+    trace_scratch(ckpt, tmp_path / "f32.h5", dtype="float32")
+    trace_scratch(ckpt, tmp_path / "bf16.h5", dtype="bfloat16")
+    assert main(["compare", str(tmp_path / "f32.h5"), str(tmp_path / "bf16.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "different dtypes" in err and "f32.h5: float32" in err and len(err.strip().splitlines()) == 1
+
+
+def test_nan_in_the_weights_is_reported_where_it_first_appears(tiny_checkpoint, tmp_path, capsys):
+    """A NaN in layer 1's w2 makes NaN in both implementations from layers.1.feed_forward.output on: exit 1, named."""
+    import shutil
+
+    from harness.checkpoint import load_pth
+
+    src = tiny_checkpoint("3.0")
+    bad = tmp_path / "nan"
+    shutil.copytree(src, bad)
+    sd = dict(load_pth(src / "consolidated.00.pth"))
+    w2 = sd["layers.1.feed_forward.w2.weight"].clone()
+    w2[3, 7] = float("nan")
+    sd["layers.1.feed_forward.w2.weight"] = w2
+    torch.save(sd, bad / "consolidated.00.pth")
+    assert main(["verify", str(bad), "--out", str(tmp_path / "v")]) == 1
+    out = capsys.readouterr().out
+    assert "non-finite values first appear at layers.1.feed_forward.output" in out, out
