@@ -17,8 +17,8 @@ from .runner import DEFAULT_PROMPT, DTYPES
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
-    make_tiny(Path(args.dir), seed=args.seed, variant=args.variant, fmt=args.format)
-    print(f"wrote a tiny Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) to {args.dir}")
+    make_tiny(Path(args.dir), seed=args.seed, variant=args.variant, fmt=args.format, shape=args.shape)
+    print(f"wrote a {args.shape} Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) to {args.dir}")
     return 0
 
 
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", default="3.0", choices=["3.0", "3.1", "3.2"])
     p.add_argument("--format", default="meta", choices=["meta", "hf"])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "8b-wide", "8b"],
+                   help="tiny (default), or the Llama-3-8B's width and vocabulary with 2 layers (8b-wide) or 32 (8b)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("trace", help="run one implementation and record every intermediate to HDF5")

@@ -53,6 +53,8 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str) -> list[int]:
 
 def decode_token(ckpt: Checkpoint, token: int) -> str:
     enc = load_tokenizer(ckpt.tokenizer_path)
+    if not 0 <= token < enc.n_vocab:  # a vocabulary larger than the tokenizer (benchmark shapes): no text for it
+        return f"<id {token}>"
     return enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
 

@@ -49,10 +49,41 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     part = name.removesuffix(".weight").split(".")[-1]
     if part.endswith("norm"):
         return (0.5 + torch.rand(shape, generator=g)).to(torch.bfloat16)  # far from 1: a dropped weight shows
-    if part == "tok_embeddings":
-        return (torch.randn(shape, generator=g) * _GAIN["tok_embeddings"]).to(torch.bfloat16)
-    fan_in = shape[1]
-    return (torch.randn(shape, generator=g) * (_GAIN[part] / fan_in**0.5)).to(torch.bfloat16)
+    std = _GAIN[part] if part == "tok_embeddings" else _GAIN[part] / shape[1] ** 0.5
+    if len(shape) < 2 or shape[0] * shape[1] <= _CHUNK_ELEMENTS:
+        return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
+    # big shapes: bf16 straight away, a block of rows at a time (no float32 copy of a 128256 x 4096 embedding)
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    rows = max(1, _CHUNK_ELEMENTS // shape[1])
+    for start in range(0, shape[0], rows):
+        block = out[start : start + rows]
+        block.copy_(torch.randn(block.shape, generator=g) * std)
+    return out
+
+
+_CHUNK_ELEMENTS = 1 << 24  # tensors up to this size are drawn whole, as they always were (the tiny bytes stay put)
+
+# `--shape`: params.json of real-size models for benchmarks (the tiny tokenizer's 768 ids fit any vocabulary).
+SHAPES: dict[str, dict | None] = {
+    "tiny": None,  # the --variant's own tiny params
+    # Meta-Llama-3-8B's width, heads, KV heads, FFN (14336) and vocabulary, with 2 layers
+    "8b-wide": dict(dim=4096, n_layers=2, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                    ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+               ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
+}  # fmt: skip
+
+
+def shape_params(shape: str, variant: str) -> dict | None:
+    """params.json of `--shape` for `--variant` (3.1/3.2 add use_scaled_rope); None for the tiny shape."""
+    if shape not in SHAPES:
+        raise HarnessError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    if SHAPES[shape] is None:
+        return None
+    params = dict(SHAPES[shape])
+    if VARIANTS[variant].get("use_scaled_rope"):
+        params["use_scaled_rope"] = True
+    return params
 
 
 def _check_new_dir(out: Path) -> None:
@@ -93,10 +124,13 @@ def make_tiny_meta(out: Path, *, seed: int = 0, variant: str = "3.0", params: di
         raise
 
 
-def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "meta") -> None:
+def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "meta", shape: str = "tiny") -> None:
     """`make-tiny`: Meta format directly; HF format by converting a Meta one written to a temporary folder."""
+    if variant not in VARIANTS:
+        raise HarnessError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    params = shape_params(shape, variant)
     if fmt == "meta":
-        return make_tiny_meta(out, seed=seed, variant=variant)
+        return make_tiny_meta(out, seed=seed, variant=variant, params=params)
     if fmt != "hf":
         raise HarnessError(f"unknown format {fmt!r}; choose meta or hf")
     import tempfile
@@ -106,5 +140,5 @@ def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "met
     out = Path(out)
     _check_new_dir(out)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-        make_tiny_meta(Path(tmp) / "meta", seed=seed, variant=variant)
+        make_tiny_meta(Path(tmp) / "meta", seed=seed, variant=variant, params=params)
         convert(Path(tmp) / "meta", out, to="hf")
