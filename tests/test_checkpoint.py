@@ -5,31 +5,15 @@ import shutil
 import pytest
 import torch
 
-from harness.checkpoint import load_pth, open_checkpoint, split_dim
+from harness.checkpoint import load_pth, open_checkpoint
 from harness.errors import HarnessError
-
-
-def split_into_shards(src, dst, n):
-    """Write `src`'s consolidated.00.pth as `n` model-parallel shards, split as Meta splits them."""
-    dst.mkdir()
-    for f in ("params.json", "tokenizer.model"):
-        shutil.copy(src / f, dst / f)
-    sd = load_pth(src / "consolidated.00.pth")
-    shards = [{} for _ in range(n)]
-    for name, t in sd.items():
-        dim = split_dim(name)
-        parts = [t] * n if dim is None else t.chunk(n, dim=dim)
-        for shard, part in zip(shards, parts):
-            shard[name] = part.clone()
-    for i, shard in enumerate(shards):
-        torch.save(shard, dst / f"consolidated.{i:02d}.pth")
-    return dst
+from helpers_bad_input import write_shards  # Meta's split: dim 0 for wq/wk/wv/w1/w3/output/embeddings, 1 for wo/w2
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
 def test_shards_merge_to_the_same_tensors(tiny_checkpoint, tmp_path, n_shards):
     single = open_checkpoint(tiny_checkpoint("3.0"))
-    sharded = open_checkpoint(split_into_shards(single.path, tmp_path / "sharded", n_shards))
+    sharded = open_checkpoint(write_shards(single.path, tmp_path / "sharded", n_shards))
     assert len(list(sharded.path.glob("consolidated.*.pth"))) == n_shards
     assert sharded.config == single.config
     for name in single.names():
