@@ -60,6 +60,9 @@ class DropRecord(ast.NodeTransformer):
     def visit_For(self, node):
         self.generic_visit(node)
         return node if node.body else None
+    def visit_If(self, node):  # `if is_tracing(): <records>` goes with its records
+        self.generic_visit(node)
+        return node if node.body else None
 
 tree = ast.fix_missing_locations(DropRecord().visit(ast.parse(Path(scratch.__file__).read_text())))
 no_taps = type(scratch)("harness.scratch_no_taps")
@@ -77,10 +80,11 @@ def on():
 times = {"no_taps": [], "tracing_off": [], "tracing_on": []}
 with torch.inference_mode():
     off(); none()  # warm up
-    for _ in range(repeat):  # interleaved, so drift in the machine's load hits all three alike
-        for key, fn in (("no_taps", none), ("tracing_off", off), ("tracing_on", on)):
+    order = [("no_taps", none), ("tracing_off", off), ("tracing_on", on)]
+    for r in range(repeat):  # interleaved and rotated, so load drift and cache effects hit all three alike
+        for key, fn in order[r % 3:] + order[:r % 3]:
             t = time.perf_counter(); fn(); times[key].append(time.perf_counter() - t)
-print({k: statistics.median(v) for k, v in times.items()})
+print({k: min(v) for k, v in times.items()})  # the least disturbed run of each
 '''
 
 BUILD_TIMER = r'''
@@ -107,22 +111,35 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also the 32-layer 8B shape (16 GB on disk)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--only", choices=["verify", "forward"], help="run one part only")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
     def add(what: str, wall: float, rss: float | None = None, note: str = "") -> None:
-        rows.append(dict(what=what, wall_s=round(wall, 3), peak_rss_gb=None if rss is None else round(rss, 2), note=note))
-        print(f"{what:55} {wall:8.2f} s  {'' if rss is None else f'{rss:6.2f} GB'}  {note}", flush=True)
+        rows.append(dict(what=what, wall_s=round(wall, 5), peak_rss_gb=None if rss is None else round(rss, 2), note=note))
+        shown = f"{wall:8.2f} s " if wall >= 1 else f"{wall * 1000:8.2f} ms"
+        print(f"{what:55} {shown}  {'' if rss is None else f'{rss:6.2f} GB'}  {note}", flush=True)
 
     tiny = ensure(work / "tiny")
+    wide = ensure(work / "8b-wide", "--shape", "8b-wide")
+    if args.only != "forward":
+        measure_verify(args, work, tiny, wide, add)
+    if args.only != "verify":
+        measure_forward(args, tiny, wide, add)
+    header = f"{datetime.date.today()}, {machine()}, torch {__import__('torch').__version__}"
+    print(header)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=header, rows=rows), indent=1))
+
+
+def measure_verify(args, work: Path, tiny: Path, wide: Path, add) -> None:
     walls = [run(harness("verify", str(tiny), "--out", str(work / "v-tiny"))) for _ in range(3)]
     add("verify tiny (float32, imports included)", statistics.median(w for w, _, _ in walls), max(r for _, r, _ in walls))
     walls = [run(harness("verify", str(tiny), "--dtype", "bfloat16", "--out", str(work / "v-tiny"))) for _ in range(3)]
     add("verify tiny (bfloat16, imports included)", statistics.median(w for w, _, _ in walls), max(r for _, r, _ in walls))
 
-    wide = ensure(work / "8b-wide", "--shape", "8b-wide")
     size = (wide / "consolidated.00.pth").stat().st_size / 2**30
     wall, rss, _ = run(harness("verify", str(wide), "--dtype", "bfloat16", "--out", str(work / "v-wide")))
     add("verify 8b-wide (bfloat16)", wall, rss, f"checkpoint {size:.2f} GiB; target 1.3x + 1.5 = {1.3 * size + 1.5:.2f} GiB")
@@ -130,23 +147,21 @@ def main() -> None:
     wall, rss, out = run([sys.executable, "-c", BUILD_TIMER, str(wide)])
     add("build the reference from Meta 8b-wide (bfloat16)", eval(out.strip().splitlines()[-1])["build_s"], rss, "imports excluded from the time")
 
-    for label, ckpt, dtype, repeat in (("tiny", tiny, "float32", 20 * args.repeat), ("8b-wide", wide, "bfloat16", args.repeat)):
-        _, _, out = run([sys.executable, "-c", FORWARD_TIMER, str(ckpt), dtype, str(repeat)])
-        t = eval(out.strip().splitlines()[-1])
-        for key in ("no_taps", "tracing_off", "tracing_on"):
-            add(f"scratch forward {label} ({dtype}), {key.replace('_', ' ')}", t[key], None,
-                f"{100 * (t[key] / t['no_taps'] - 1):+.1f}% vs no taps (median of {repeat})")
-
     if args.full:
         full = ensure(work / "8b", "--shape", "8b")
         size = (full / "consolidated.00.pth").stat().st_size / 2**30
         wall, rss, _ = run(harness("verify", str(full), "--dtype", "bfloat16", "--out", str(work / "v-8b")))
         add("verify 8b, 32 layers (bfloat16)", wall, rss, f"checkpoint {size:.2f} GiB")
 
-    header = f"{datetime.date.today()}, {machine()}, torch {__import__('torch').__version__}"
-    print(header)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=header, rows=rows), indent=1))
+
+def measure_forward(args, tiny: Path, wide: Path, add) -> None:
+    for label, ckpt, dtype, repeat in (("tiny", tiny, "float32", 20 * args.repeat), ("8b-wide", wide, "bfloat16", args.repeat)):
+        _, _, out = run([sys.executable, "-c", FORWARD_TIMER, str(ckpt), dtype, str(repeat)])
+        t = eval(out.strip().splitlines()[-1])
+        for key in ("no_taps", "tracing_off", "tracing_on"):
+            add(f"scratch forward {label} ({dtype}), {key.replace('_', ' ')}", t[key], None,
+                f"{100 * (t[key] / t['no_taps'] - 1):+.1f}% vs no taps (best of {repeat})")
+
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, rope_frequencies
-from .tracing import record
+from .tracing import is_tracing, record
 
 LayerInput = Callable[[int], torch.Tensor]
 
@@ -82,9 +82,10 @@ def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]
         scores = (q_rotated @ k_rotated.T) / score_scale(config)  # [T, T] float32
         probs = softmax(scores + mask).to(x_norm.dtype)  # [T, T]
         output = probs @ v  # [T, hd]
-        for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
-                            ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
-            record(f"layers.{layer}.attention.heads.{head}.{name}", value)
+        if is_tracing():  # the names cost more than the no-op record calls: build them only when tracing
+            for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
+                                ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+                record(f"layers.{layer}.attention.heads.{head}.{name}", value)
         head_outputs.append(output)
     stacked = torch.cat(head_outputs, dim=-1)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
