@@ -71,6 +71,7 @@ def hf_config(config: ModelConfig) -> LlamaConfig:
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
         head_dim=config.head_dim, rms_norm_eps=config.norm_eps, max_position_embeddings=config.max_seq_len,
         rope_parameters=rope, tie_word_embeddings=config.tie_word_embeddings,
+        # Llama-3's 256 special tokens close the vocabulary: <|begin_of_text|> is the first, <|end_of_text|> the next
         bos_token_id=config.vocab_size - 256 if config.vocab_size > 256 else None,
         eos_token_id=config.vocab_size - 255 if config.vocab_size > 256 else None,
     )  # fmt: skip
@@ -164,6 +165,14 @@ def _recorder(prefix: str) -> Emit:
     return lambda name, tensor: record(prefix + name, tensor)
 
 
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", leave=False)
+
+
 def run_model(model: LlamaForCausalLM, ckpt: Checkpoint, tokens: list[int], emit: Emit, progress: bool = False) -> torch.Tensor:
     """The full reference forward with every canonical name emitted; returns logits [T, V]."""
     config = ckpt.config
@@ -171,6 +180,12 @@ def run_model(model: LlamaForCausalLM, ckpt: Checkpoint, tokens: list[int], emit
              model.model.norm.register_forward_hook(lambda m, i, o: emit("norm", o[0]))]  # fmt: skip
     for index, layer in enumerate(model.model.layers):
         hooks += _layer_hooks(layer, index, config, emit)
+    bar = _progress_bar(progress, config.n_layers, "reference")
+    if bar is not None:
+        def tick(module, inputs, output) -> None:  # a hook that returns anything but None replaces the output
+            bar.update()
+
+        hooks += [layer.register_forward_hook(tick) for layer in model.model.layers]
     device = next(model.parameters()).device
     try:
         with _emitting(emit):
@@ -178,11 +193,14 @@ def run_model(model: LlamaForCausalLM, ckpt: Checkpoint, tokens: list[int], emit
     finally:
         for h in hooks:
             h.remove()
+        if bar is not None:
+            bar.close()
     emit("logits", logits)
     return logits
 
 
-def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str = "cpu", chunk_rows: int = 16384) -> torch.Tensor:
+def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str = "cpu", chunk_rows: int = 16384,
+               progress: bool = False) -> torch.Tensor:
     """The reference in float64, one decoder layer resident at a time (HF's own module classes), logits in chunks
     of vocabulary rows: the oracle costs one layer's weights in float64, not the whole model's."""
     f64, config = torch.float64, ckpt.config
@@ -195,6 +213,7 @@ def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str =
     rotary = LlamaRotaryEmbedding(config=cfg).to(device)
     cos_sin = rotary(x, position_ids)
     mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    bar = _progress_bar(progress, config.n_layers, "float64 oracle")
     with _emitting(emit):
         for index in range(config.n_layers):
             with torch.device("meta"):
@@ -209,6 +228,10 @@ def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str =
                 for h in hooks:
                     h.remove()
             del layer, sd
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     norm = LlamaRMSNorm(config.dim, eps=config.norm_eps).to(device=device, dtype=f64)
     norm.weight.data = ckpt.tensor("norm.weight").to(device=device, dtype=f64)
     h = norm(x)[0]  # [T, D]
@@ -239,5 +262,5 @@ def trace_reference(ckpt: Checkpoint, out: str | Path, *, prompt: str | None = N
         logits = run_model(model, ckpt, tokens, _recorder(""), progress)
         del model
         if with_oracle:
-            run_oracle(ckpt, tokens, _recorder(ORACLE_PREFIX), device=device)
+            run_oracle(ckpt, tokens, _recorder(ORACLE_PREFIX), device=device, progress=progress)
     return logits

@@ -82,3 +82,11 @@ def test_a_wrong_gqa_mapping_is_caught(tiny_checkpoint, tmp_path, monkeypatch):
     ckpt = open_checkpoint(tiny_checkpoint("3.2"))  # 3 query heads per KV head
     monkeypatch.setattr(scratch, "kv_head_of", lambda head, config: head % config.n_kv_heads)
     _diverges_at(tmp_path, ckpt, ckpt, "layers.0.attention.heads.1.k")
+
+
+def test_progress_bars_do_not_change_the_numbers(tiny_checkpoint, tmp_path):
+    """The progress bar ticks from forward hooks; a hook that returned a value would replace the layer's output."""
+    ckpt = open_checkpoint(tiny_checkpoint("3.0"))
+    quiet = trace_reference(ckpt, tmp_path / "a.h5", dtype="bfloat16", progress=False)
+    loud = trace_reference(ckpt, tmp_path / "b.h5", dtype="bfloat16", progress=True)
+    assert torch.equal(quiet, loud)
