@@ -7,6 +7,7 @@ Meta: params.json, consolidated.00.pth, tokenizer.model. Written in a temporary 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import torch
 
 from . import hf_layout
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import ModelConfig, ffn_dim_from_meta
+from .config import META_ROPE_SCALING, ModelConfig, config_from_params_json, ffn_dim_from_meta
 from .errors import HarnessError
 from .tokenizer import BOS, PAT_STR, SPECIAL_TOKENS, load_tokenizer, write_tokenizer_model
 
@@ -79,6 +80,7 @@ def write_hf(ckpt: Checkpoint, out: Path) -> None:
         tensors[hf_layout.meta_to_hf_name(name)] = t.contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_hf_tokenizer(ckpt.tokenizer_path, out)
+    write_params(ckpt, out / "original" / "params.json")  # as Meta's HF repos: multiple_of etc. survive the trip
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -113,11 +115,11 @@ def write_hf_tokenizer(tokenizer_model: Path, out: Path) -> None:
 # ---- to Meta ------------------------------------------------------------------------------------------------------
 
 
-def meta_params(config: ModelConfig) -> dict:
+def meta_params(config: ModelConfig, source: Path) -> dict:
     """params.json as Meta writes it; `multiple_of`/`ffn_dim_multiplier` found when the source (HF) lacks them."""
     multiple_of, multiplier = config.multiple_of, config.ffn_dim_multiplier
     if multiple_of is None:
-        multiple_of, multiplier = _find_ffn_params(config.dim, config.ffn_dim)
+        multiple_of, multiplier = _find_ffn_params(config.dim, config.ffn_dim, source)
     params = dict(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
                   vocab_size=config.vocab_size, multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
                   norm_eps=config.norm_eps, rope_theta=config.rope_theta)  # fmt: skip
@@ -125,24 +127,59 @@ def meta_params(config: ModelConfig) -> dict:
         del params["ffn_dim_multiplier"]
     if s := config.rope_scaling:
         params["use_scaled_rope"] = True
-        if s.factor != 8.0:  # Meta's code hard-codes 8; say so when it is not
+        if s.factor != META_ROPE_SCALING["factor"]:  # Meta's code hard-codes 8; say so when it is not
             params["rope_scaling_factor"] = s.factor
+    if config.max_seq_len != (131072 if s else 8192):  # params.json's default context, as config.py reads it
+        params["max_seq_len"] = config.max_seq_len
     return params
 
 
-def _find_ffn_params(dim: int, ffn_dim: int) -> tuple[int, float | None]:
-    """`multiple_of` and `ffn_dim_multiplier` that reproduce `ffn_dim` through Meta's formula (8B: 1024, 1.3)."""
-    for multiple_of in (1024, 4096, 256, 512, 2048, 128, 64, 32, 16, 8, 1):
+def _find_ffn_params(dim: int, ffn_dim: int, source: Path) -> tuple[int, float | None]:
+    """`multiple_of` and `ffn_dim_multiplier` that give `ffn_dim` through Meta's formula: the largest power-of-two
+    `multiple_of` that works, with no multiplier or the one of fewest decimals (8B: 2048, 1.3; 70B: 4096, 1.3)."""
+    base = int(2 * 4 * dim / 3)
+    for multiple_of in (2**k for k in range(12, -1, -1)):
         if ffn_dim % multiple_of:
             continue
-        for multiplier in (None, 1.3, 1.5, 1.2, 1.0, 2.0, round(ffn_dim / int(8 * dim / 3), 4)):
+        candidates = [None] + [round(ffn_dim / base + step / 10**digits, digits)
+                               for digits in range(1, 5) for step in (0, -1, 1)]  # fmt: skip
+        for multiplier in candidates:
             if ffn_dim_from_meta(dim, multiple_of, multiplier) == ffn_dim:
                 return multiple_of, multiplier
-    raise HarnessError(f"intermediate_size {ffn_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier for dim {dim}")
+    raise HarnessError(f"{source}: intermediate_size {ffn_dim} cannot be written as Meta's multiple_of and "
+                       f"ffn_dim_multiplier (of at most 4 decimals) for hidden_size {dim}")  # fmt: skip
+
+
+def _original_ffn_params(ckpt: Checkpoint) -> ModelConfig:
+    """An HF directory's original/params.json, when it gives the same FFN width: its multiple_of/ffn_dim_multiplier."""
+    config, original = ckpt.config, ckpt.path / "original" / "params.json"
+    if ckpt.format != "hf" or not original.is_file():
+        return config
+    kept = config_from_params_json(original)
+    if (kept.dim, kept.ffn_dim) != (config.dim, config.ffn_dim):
+        return config  # another model's params.json: the width is found from intermediate_size instead
+    return dataclasses.replace(config, multiple_of=kept.multiple_of, ffn_dim_multiplier=kept.ffn_dim_multiplier)
+
+
+def write_params(ckpt: Checkpoint, path: Path) -> None:
+    """Meta's params.json, byte for byte when the source has one that describes this model; else written anew."""
+    kept = ckpt.path / ("params.json" if ckpt.format == "meta" else "original/params.json")
+    if kept.is_file():
+        if ckpt.format == "meta" or _same_model(config_from_params_json(kept), ckpt.config):
+            shutil.copyfile(kept, path)
+            return
+    params = meta_params(_original_ffn_params(ckpt), ckpt.path / "config.json")
+    path.write_text(json.dumps(params, indent=2) + "\n")
+
+
+def _same_model(meta: ModelConfig, hf: ModelConfig) -> bool:
+    """Whether params.json describes the config.json's model (HF has no multiple_of/ffn_dim_multiplier; Meta no tie)."""
+    ignored = dict(multiple_of=None, ffn_dim_multiplier=None, tie_word_embeddings=False)
+    return dataclasses.replace(meta, **ignored) == dataclasses.replace(hf, **ignored)
 
 
 def write_meta(ckpt: Checkpoint, out: Path) -> None:
-    (out / "params.json").write_text(json.dumps(meta_params(ckpt.config), indent=2) + "\n")
+    write_params(ckpt, out / "params.json")
     state_dict = {name: ckpt.tensor(name).contiguous() for name in ckpt.names()}  # output.weight even when tied
     torch.save(state_dict, out / "consolidated.00.pth")
     if ckpt.tokenizer_path.suffix == ".json":

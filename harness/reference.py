@@ -27,7 +27,8 @@ from . import hf_layout
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .names import head_name, layer_name
-from .tracing import record
+from .runner import DEFAULT_PROMPT, parse_dtype, prompt_tokens, trace_metadata
+from .tracing import record, tracing
 
 ATTENTION = "harness_traced"  # HF's eager attention, with its intermediates recorded
 ORACLE_PREFIX = "_oracle."
@@ -36,12 +37,24 @@ Emit = Callable[[str, torch.Tensor], None]
 _emit: Emit | None = None  # where the traced attention function sends its tensors during a traced run
 
 
+def _attention_float64(module, query, key, value, attention_mask, scaling):
+    """Eager attention with the softmax in float64: eager's float32 softmax would cap the oracle at float32 precision."""
+    n_rep = module.num_key_value_groups
+    scores = torch.matmul(query, repeat_kv(key, n_rep).transpose(2, 3)) * scaling + attention_mask  # [1, H, T, T]
+    probs = torch.softmax(scores, dim=-1)  # [1, H, T, T]
+    return torch.matmul(probs, repeat_kv(value, n_rep)).transpose(1, 2).contiguous(), probs  # [1, T, H, hd]
+
+
 def _traced_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """HF's eager attention, unchanged; q/k after RoPE, scores before the mask, probs and per-head outputs recorded.
+    """HF's eager attention, unchanged (in float64: without its float32 softmax); q/k after RoPE, scores before the
+    mask, probs and per-head outputs recorded.
 
     query [1, H, T, hd] and key/value [1, KV, T, hd] (before repeat_kv), in HF's half-split q/k order.
     """
-    attn_output, probs = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if query.dtype == torch.float64:
+        attn_output, probs = _attention_float64(module, query, key, value, attention_mask, scaling)
+    else:
+        attn_output, probs = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if _emit is not None:
         n_rep = module.num_key_value_groups
         scores = torch.matmul(query, repeat_kv(key, n_rep).transpose(2, 3)) * scaling  # [1, H, T, T], as eager does
@@ -199,10 +212,34 @@ def run_model(model: LlamaForCausalLM, ckpt: Checkpoint, tokens: list[int], emit
     return logits
 
 
+class _RMSNormFloat64(LlamaRMSNorm):
+    """LlamaRMSNorm without its float32 cast, which would cap the oracle at float32 precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _norm_float64(weight: torch.Tensor, eps: float) -> _RMSNormFloat64:
+    norm = _RMSNormFloat64(weight.shape[0], eps=eps).to(device=weight.device, dtype=weight.dtype)
+    norm.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return norm
+
+
+def _rotary_float64(cfg: LlamaConfig, n_tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's RoPE cos/sin [1, T, hd] from HF's own inv_freq (float32 values, as HF and Meta define the frequencies),
+    with angles, cos and sin in float64: LlamaRotaryEmbedding computes them in float32 whatever the model's dtype."""
+    rotary = LlamaRotaryEmbedding(config=cfg)
+    inv_freq = rotary.inv_freq.to(device=device, dtype=torch.float64)  # [hd/2], 3.1 scaling applied by HF
+    angles = torch.outer(torch.arange(n_tokens, device=device, dtype=torch.float64), inv_freq)  # [T, hd/2]
+    emb = torch.cat((angles, angles), dim=-1)  # [T, hd], HF's half-split order
+    return (emb.cos() * rotary.attention_scaling)[None], (emb.sin() * rotary.attention_scaling)[None]
+
+
 def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str = "cpu", chunk_rows: int = 16384,
                progress: bool = False) -> torch.Tensor:
     """The reference in float64, one decoder layer resident at a time (HF's own module classes), logits in chunks
-    of vocabulary rows: the oracle costs one layer's weights in float64, not the whole model's."""
+    of vocabulary rows: the oracle costs one layer's weights in float64, not the whole model's. Where HF computes
+    in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in float64."""
     f64, config = torch.float64, ckpt.config
     cfg = hf_config(config)
     cfg._attn_implementation = ATTENTION
@@ -210,8 +247,7 @@ def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str =
     x = ckpt.tensor("tok_embeddings.weight")[ids].to(device=device, dtype=f64)[None]  # [1, T, D]
     emit("embeddings", x[0])
     position_ids = torch.arange(len(tokens), device=device)[None]  # [1, T]
-    rotary = LlamaRotaryEmbedding(config=cfg).to(device)
-    cos_sin = rotary(x, position_ids)
+    cos_sin = _rotary_float64(cfg, len(tokens), device)
     mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
     bar = _progress_bar(progress, config.n_layers, "float64 oracle")
     with _emitting(emit):
@@ -221,6 +257,8 @@ def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str =
             sd = {hf_layout.meta_to_hf_name(n).removeprefix(f"model.layers.{index}."): hf_tensor(ckpt, n, f64).to(device)
                   for n in ckpt.names() if n.startswith(f"layers.{index}.")}  # fmt: skip
             layer.load_state_dict(sd, assign=True)
+            layer.input_layernorm = _norm_float64(layer.input_layernorm.weight, config.norm_eps)
+            layer.post_attention_layernorm = _norm_float64(layer.post_attention_layernorm.weight, config.norm_eps)
             hooks = _layer_hooks(layer, index, config, emit)
             try:
                 x = _first(layer(x, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids))
@@ -232,9 +270,7 @@ def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str =
                 bar.update()
     if bar is not None:
         bar.close()
-    norm = LlamaRMSNorm(config.dim, eps=config.norm_eps).to(device=device, dtype=f64)
-    norm.weight.data = ckpt.tensor("norm.weight").to(device=device, dtype=f64)
-    h = norm(x)[0]  # [T, D]
+    h = _norm_float64(ckpt.tensor("norm.weight").to(device=device, dtype=f64), config.norm_eps)(x)[0]  # [T, D]
     emit("norm", h)
     weight = ckpt.tensor("output.weight")  # [V, D], read a chunk of rows at a time
     logits = torch.cat([h @ weight[i : i + chunk_rows].to(device=device, dtype=f64).T
@@ -243,14 +279,10 @@ def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str =
     return logits
 
 
-def trace_reference(ckpt: Checkpoint, out: str | Path, *, prompt: str | None = None, dtype: str = "float32",
+def trace_reference(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
                     names: list[str] | None = None, device: str = "cpu", progress: bool = False, oracle: bool = True,
                     **extra: Any) -> torch.Tensor:
     """The HF reference traced into `out`; with `oracle` (and dtype != float64) also its float64 run under `_oracle.`."""
-    from .runner import DEFAULT_PROMPT, parse_dtype, prompt_tokens, trace_metadata
-    from .tracing import tracing
-
-    prompt = DEFAULT_PROMPT if prompt is None else prompt
     torch_dtype = parse_dtype(dtype)
     tokens = prompt_tokens(ckpt, prompt)
     with_oracle = oracle and torch_dtype != torch.float64

@@ -52,16 +52,21 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     std = _GAIN[part] if part == "tok_embeddings" else _GAIN[part] / shape[1] ** 0.5
     if len(shape) < 2 or shape[0] * shape[1] <= _CHUNK_ELEMENTS:
         return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
-    # big shapes: bf16 straight away, a block of rows at a time (no float32 copy of a 128256 x 4096 embedding)
+    # big shapes: bf16 straight away, a block of rows at a time through one float32 buffer: no float32 copy of a
+    # 128256 x 4096 embedding, and no float32 temporaries between the kept weights to fragment the heap
     out = torch.empty(shape, dtype=torch.bfloat16)
     rows = max(1, _CHUNK_ELEMENTS // shape[1])
+    buffer = torch.empty(rows, shape[1])
     for start in range(0, shape[0], rows):
         block = out[start : start + rows]
-        block.copy_(torch.randn(block.shape, generator=g) * std)
+        draw = torch.randn(block.shape, generator=g, out=buffer[: block.shape[0]])
+        block.copy_(draw.mul_(std))
     return out
 
 
-_CHUNK_ELEMENTS = 1 << 24  # tensors up to this size are drawn whole, as they always were (the tiny bytes stay put)
+# Tensors up to this size are drawn whole, as they always were (the tiny ones have at most 98304 elements: their
+# bytes stay put). Every 8B-shape matrix is drawn in blocks of at most this size (4 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 20
 
 # `--shape`: params.json of real-size models for benchmarks (the tiny tokenizer's 768 ids fit any vocabulary).
 SHAPES: dict[str, dict | None] = {

@@ -65,8 +65,10 @@ class _Recorder:
         self.count = 0
 
     def wants(self, name: str) -> bool:
-        if name.startswith(RESERVED_PREFIX) or name == "tokens" or self.patterns is None:
+        if name == "tokens" or self.patterns is None or (name.startswith(RESERVED_PREFIX) and "." not in name):
             return True
+        if name.startswith(RESERVED_PREFIX):
+            name = name.split(".", 1)[1]  # an extra is filtered by the name it extends: "_oracle.norm" as "norm"
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
     def record(self, name: str, tensor: torch.Tensor) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from harness.names import head_name, layer_name
 
 
@@ -35,7 +37,7 @@ def check(verified, case, name: str) -> None:
     lines.append(f"  first divergence in the whole trace: {first}"
                  + (f"; non-finite values first appear at {run.comparison['first_nonfinite']}" if run.comparison.get("first_nonfinite") else ""))  # fmt: skip
     lines.append(f"  traces and report: {run.out} (python -m harness compare {run.out / 'reference.h5'} {run.out / 'scratch.h5'})")
-    raise AssertionError("\n".join(lines))
+    pytest.fail("\n".join(lines), pytrace=False)
 
 
 def test_head(verified, head_case):

@@ -43,7 +43,11 @@ def test_unknown_shape_is_refused(tmp_path, capsys):
     with pytest.raises(HarnessError, match="unknown shape 'huge'"):
         make_tiny(tmp_path / "x", shape="huge")
     assert main(["make-tiny", str(tmp_path / "y"), "--shape", "8b-wide", "--variant", "9.9"]) == 2
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    capsys.readouterr()
+    assert main(["make-tiny", str(tmp_path / "z"), "--shape", "70b"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: '70b'" in err and len(err.strip().splitlines()) == 1
+    assert not any((tmp_path / d).exists() for d in "xyz")
     assert set(SHAPES) == {"tiny", "8b-wide", "8b"}
 
 
