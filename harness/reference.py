@@ -282,7 +282,10 @@ def run_oracle(ckpt: Checkpoint, tokens: list[int], emit: Emit, *, device: str =
 def trace_reference(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
                     names: list[str] | None = None, device: str = "cpu", progress: bool = False, oracle: bool = True,
                     **extra: Any) -> torch.Tensor:
-    """The HF reference traced into `out`; with `oracle` (and dtype != float64) also its float64 run under `_oracle.`."""
+    """The HF reference traced into `out`; with `oracle` (and dtype != float64) also its float64 run under `_oracle.`.
+
+    A float64 reference is that same run: HF's modules would compute norms, RoPE angles and softmax in float32.
+    """
     torch_dtype = parse_dtype(dtype)
     tokens = prompt_tokens(ckpt, prompt)
     with_oracle = oracle and torch_dtype != torch.float64
@@ -290,6 +293,8 @@ def trace_reference(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_
                           oracle="float64 (layer by layer)" if with_oracle else "none", **extra)  # fmt: skip
     with tracing(out, names=names, **meta), torch.inference_mode():
         record("tokens", torch.tensor(tokens))
+        if torch_dtype == torch.float64:
+            return run_oracle(ckpt, tokens, _recorder(""), device=device, progress=progress)
         model = build_model(ckpt, torch_dtype, device)
         logits = run_model(model, ckpt, tokens, _recorder(""), progress)
         del model

@@ -90,3 +90,16 @@ def test_progress_bars_do_not_change_the_numbers(tiny_checkpoint, tmp_path):
     quiet = trace_reference(ckpt, tmp_path / "a.h5", dtype="bfloat16", progress=False)
     loud = trace_reference(ckpt, tmp_path / "b.h5", dtype="bfloat16", progress=True)
     assert torch.equal(quiet, loud)
+
+
+def test_name_globs_filter_the_oracle_too(tiny_checkpoint, tmp_path):
+    from harness.cli import main
+
+    ckpt = tiny_checkpoint("3.0")
+    assert main(["trace", str(ckpt), "--impl", "reference", "--dtype", "bfloat16", "--out", str(tmp_path / "r.h5"),
+                 "--names", "layers.1.ffn_norm", "norm"]) == 0  # fmt: skip
+    trace = load_trace(tmp_path / "r.h5")
+    assert trace.names == ["tokens", "layers.1.ffn_norm", "norm"]
+    assert sorted(trace.extra_names) == ["_oracle.layers.1.ffn_norm", "_oracle.norm"]
+    assert main(["trace", str(ckpt), "--dtype", "bfloat16", "--out", str(tmp_path / "s.h5"), "--names", "layers.1.*"]) == 0
+    assert main(["compare", str(tmp_path / "r.h5"), str(tmp_path / "s.h5")]) == 0  # compares the one name in common
