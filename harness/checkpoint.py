@@ -30,6 +30,7 @@ _SPLIT_DIM = {
     "attention_norm": None, "ffn_norm": None, "norm": None,
 }  # fmt: skip
 _IGNORED = {"rope.freqs"}  # present in Llama 2 checkpoints; Llama 3 recomputes it
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def split_dim(name: str) -> int | None:
@@ -118,6 +119,14 @@ class Checkpoint:
         hf = self._hf_name(name)
         return tuple(self._safe(self._hf_files[hf]).get_slice(hf).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype of `name` ('bfloat16', ...), read without loading the data."""
+        if self.format == "meta":
+            return str(self._shards[0][name].dtype).removeprefix("torch.")
+        hf = self._hf_name(name)
+        stored = self._safe(self._hf_files[hf]).get_slice(hf).get_dtype()
+        return _SAFETENSORS_DTYPES.get(stored, stored.lower())
+
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor in Meta's layout; memory-mapped where the format allows (no copy for a single shard)."""
         if name not in set(self.names()):
@@ -149,7 +158,7 @@ class Checkpoint:
         return self._hf_open[path]
 
     def fingerprint(self) -> str:
-        """sha256 over the model-defining config fields, every tensor's name/shape, and the norm weights' bytes.
+        """sha256 over the model-defining config fields, every tensor's name/shape/dtype, and the norm weights' bytes.
 
         The same weights in Meta or HF layout give the same fingerprint.
         """
@@ -159,7 +168,7 @@ class Checkpoint:
                       rope_scaling=c.to_dict()["rope_scaling"], tie_word_embeddings=c.tie_word_embeddings)  # fmt: skip
         h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
         for name in self.names():
-            h.update(f"{name}{self.shape(name)}".encode())
+            h.update(f"{name}{self.shape(name)}{self.dtype(name)}".encode())
             if name.endswith("norm.weight"):
                 h.update(self.tensor(name).float().numpy().tobytes())
         return h.hexdigest()
