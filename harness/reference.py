@@ -37,6 +37,11 @@ Emit = Callable[[str, torch.Tensor], None]
 _emit: Emit | None = None  # where the traced attention function sends its tensors during a traced run
 
 
+def kv_head(head: int, n_rep: int) -> int:
+    """Grouped-query attention: query head h reads KV head h // n_rep (repeat_kv's order)."""
+    return head // n_rep
+
+
 def _attention_float64(module, query, key, value, attention_mask, scaling):
     """Eager attention with the softmax in float64: eager's float32 softmax would cap the oracle at float32 precision."""
     n_rep = module.num_key_value_groups
@@ -60,7 +65,7 @@ def _traced_attention(module, query, key, value, attention_mask, scaling, dropou
         scores = torch.matmul(query, repeat_kv(key, n_rep).transpose(2, 3)) * scaling  # [1, H, T, T], as eager does
         layer = module.layer_idx
         for head in range(query.shape[1]):
-            kv = head // n_rep
+            kv = kv_head(head, n_rep)
             _emit(head_name(layer, head, "q_rotated"), hf_layout.half_split_to_interleaved(query[0, head]))
             _emit(head_name(layer, head, "k_rotated"), hf_layout.half_split_to_interleaved(key[0, kv]))
             _emit(head_name(layer, head, "scores"), scores[0, head])
@@ -137,7 +142,7 @@ def _layer_hooks(layer: LlamaDecoderLayer, index: int, config: ModelConfig, emit
         def hook(module, inputs, out):
             per_head = _heads_from_projection(out, n)  # [n, T, hd]
             for head in range(config.n_heads):
-                x = per_head[head if part == "q" else head // n_rep]
+                x = per_head[head if part == "q" else kv_head(head, n_rep)]
                 emit(head_name(index, head, part), hf_layout.half_split_to_interleaved(x) if interleave else x)
 
         return hook
