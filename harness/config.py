@@ -208,23 +208,24 @@ def config_from_hf_json(path: Path) -> ModelConfig:
 
 
 def rope_frequencies(config: ModelConfig) -> "torch.Tensor":
-    """Per-pair rotation frequencies [head_dim // 2] in float64, with 3.1 scaling applied when configured.
+    """Per-pair rotation frequencies [head_dim // 2] in float32, with 3.1 scaling applied when configured.
 
-    The notebook: `1.0 / (rope_theta ** (torch.tensor(range(64)) / 64))`, generalised to head_dim.
+    The notebook: `1.0 / (rope_theta ** (torch.tensor(range(64)) / 64))`, generalised to head_dim. float32 as the
+    notebook (and Meta, and HF's inv_freq) compute them, even for a float64 run: the frequencies are part of the model.
     """
     import torch
 
     half = config.head_dim // 2
-    freqs = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))  # [half]
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))  # [half]
     s = config.rope_scaling
     if s is None:
         return freqs
     # Meta's apply_scaling: keep short wavelengths, divide long ones by the factor, mix in between.
     low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / freqs
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    mixed = (1 - smooth) * freqs / s.factor + smooth * freqs
+    wavelen = 2 * math.pi / freqs  # [half]
     scaled = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mixed = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, mixed, scaled)

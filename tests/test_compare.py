@@ -243,3 +243,13 @@ def test_nan_in_the_weights_is_reported_where_it_first_appears(tiny_checkpoint, 
     assert main(["verify", str(bad), "--out", str(tmp_path / "v")]) == 1
     out = capsys.readouterr().out
     assert "non-finite values first appear at layers.1.feed_forward.output" in out, out
+
+
+@pytest.mark.parametrize("variant", ["3.0", "3.1"])
+def test_verify_in_float64_passes_under_the_float64_bound(tiny_checkpoint, tmp_path, variant):
+    """float64 on both sides, no oracle needed: RoPE frequencies in float32 as HF's inv_freq, so the two agree to ~1e-15."""
+    from harness.verify import verify
+
+    result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype="float64")
+    assert result.passed and result.comparison.mode == "direct", result.comparison.first_divergence
+    assert max(r.rel_l2 for r in result.comparison.results) < 1e-12
