@@ -144,6 +144,14 @@ def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, **me
                 _active = None
 
 
+def _forward_order(name: str) -> tuple:
+    """Names in forward order; extras ("_oracle.NAME") after them, in their base name's forward order."""
+    if name.startswith(RESERVED_PREFIX) and "." in name:
+        prefix, base = name.split(".", 1)
+        return (1, prefix, canon.order_key(base))
+    return (0, "", canon.order_key(name))
+
+
 class Trace:
     """A trace file opened for reading; tensors are read by name when asked for."""
 
@@ -165,7 +173,7 @@ class Trace:
             raise HarnessError(f"{self.path}: trace format version {shown}, this harness reads version {FORMAT_VERSION}")
         found: list[str] = []
         self.file.visititems(lambda p, obj: found.append(obj.attrs.get("name", canon.from_path(p))) if isinstance(obj, h5py.Dataset) else None)
-        self._all = sorted(found, key=canon.order_key)
+        self._all = sorted(found, key=_forward_order)
         self.names = [n for n in self._all if not n.startswith(RESERVED_PREFIX)]
 
     @property
