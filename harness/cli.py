@@ -27,8 +27,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .runner import decode_token, trace_implementation
 
     ckpt = open_checkpoint(args.checkpoint)
+    if args.vectorized and args.impl != "scratch":
+        raise HarnessError("--vectorized applies to --impl scratch only")
+    extra = {"vectorized": True} if args.vectorized else {}
     logits = trace_implementation(args.impl, ckpt, args.out, prompt=args.prompt, dtype=args.dtype, names=args.names,
-                                  device=args.device, progress=sys.stderr.isatty())  # fmt: skip
+                                  device=args.device, progress=sys.stderr.isatty(), **extra)  # fmt: skip
     token = int(logits[-1].float().argmax())
     print(f"{args.impl} ({args.dtype}): next token {decode_token(ckpt, token)!r} (id {token}); trace written to {args.out}")
     return 0
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="scratch", choices=["scratch", "reference"])
     p.add_argument("--out", required=True, help="trace file to write (.h5)")
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
+    p.add_argument("--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)")
     _add_run_options(p)
     p.set_defaults(func=cmd_trace)
 

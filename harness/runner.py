@@ -71,15 +71,17 @@ def trace_metadata(ckpt: Checkpoint, *, implementation: str, dtype: str, tokens:
 
 def trace_scratch(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
                   names: list[str] | None = None, device: str = "cpu", progress: bool = False,
-                  layer_input=None, **extra: Any) -> torch.Tensor:
+                  layer_input=None, vectorized: bool = False, **extra: Any) -> torch.Tensor:
     """The from-scratch forward traced into `out`; returns the logits [T, V]."""
     from . import scratch
 
     torch_dtype = parse_dtype(dtype)
     tokens = prompt_tokens(ckpt, prompt)
-    meta = trace_metadata(ckpt, implementation="scratch", dtype=dtype, tokens=tokens, prompt=prompt, device=device, **extra)
+    meta = trace_metadata(ckpt, implementation="scratch", dtype=dtype, tokens=tokens, prompt=prompt, device=device,
+                          attention="all heads at once" if vectorized else "one head at a time", **extra)  # fmt: skip
     with tracing(out, names=names, **meta), torch.inference_mode():
-        return scratch.forward(ckpt, tokens, dtype=torch_dtype, device=device, progress=progress, layer_input=layer_input)
+        return scratch.forward(ckpt, tokens, dtype=torch_dtype, device=device, progress=progress, layer_input=layer_input,
+                               vectorized=vectorized)
 
 
 def trace_implementation(impl: str, ckpt: Checkpoint, out: str | Path, **options: Any) -> torch.Tensor:

@@ -36,10 +36,10 @@ def rope_freqs_cis(config: ModelConfig, n_tokens: int, dtype: torch.dtype, devic
 
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """RoPE: view interleaved pairs as complex numbers and multiply by freqs_cis. Stays in float32, as the notebook."""
-    pairs = x.to(freqs_cis.real.dtype).view(x.shape[0], -1, 2)  # [T, hd/2, 2]
-    as_complex = torch.view_as_complex(pairs)  # [T, hd/2]
-    rotated_pairs = torch.view_as_real(as_complex * freqs_cis)  # [T, hd/2, 2]
-    return rotated_pairs.view(x.shape)  # [T, hd]
+    pairs = x.to(freqs_cis.real.dtype).unflatten(-1, (-1, 2))  # [..., T, hd/2, 2]
+    as_complex = torch.view_as_complex(pairs)  # [..., T, hd/2]
+    rotated_pairs = torch.view_as_real(as_complex * freqs_cis)  # [..., T, hd/2, 2]
+    return rotated_pairs.flatten(-2)  # [..., T, hd]
 
 
 def kv_head_of(head: int, config: ModelConfig) -> int:
@@ -91,6 +91,31 @@ def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]
     return stacked @ weights["attention.wo"].T  # [T, D]
 
 
+def attention_all_heads(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
+                        freqs_cis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same attention with every head at once (batched matmuls, `forward(vectorized=True)`); same names recorded.
+
+    Agrees with the per-head loop within float32 rounding (tests/test_scratch.py). [T, D] -> [T, D].
+    """
+    T, hd = x_norm.shape[0], config.head_dim
+    kv = [kv_head_of(head, config) for head in range(config.n_heads)]  # [H]: the KV head of each query head
+    q = (x_norm @ weights["attention.wq"].T).view(T, config.n_heads, hd).transpose(0, 1)  # [H, T, hd]
+    k = (x_norm @ weights["attention.wk"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)[kv]  # [H, T, hd]
+    v = (x_norm @ weights["attention.wv"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)[kv]  # [H, T, hd]
+    q_rotated = rotate(q, freqs_cis)  # [H, T, hd] float32
+    k_rotated = rotate(k, freqs_cis)  # [H, T, hd] float32
+    scores = (q_rotated @ k_rotated.transpose(1, 2)) / score_scale(config)  # [H, T, T] float32
+    probs = torch.nn.functional.softmax(scores + mask, dim=-1).to(x_norm.dtype)  # [H, T, T], over keys
+    output = probs @ v  # [H, T, hd]
+    if is_tracing():
+        for head in range(config.n_heads):
+            for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
+                                ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+                record(f"layers.{layer}.attention.heads.{head}.{name}", value[head])
+    stacked = output.transpose(0, 1).reshape(T, -1)  # [T, H * hd]
+    return stacked @ weights["attention.wo"].T  # [T, D]
+
+
 def feed_forward(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """SwiGLU: w2(silu(w1 x) * w3 x). [T, D] -> [T, D]."""
     gate = x_norm @ weights["feed_forward.w1"].T  # [T, F]
@@ -112,11 +137,11 @@ def layer_weights(ckpt: Checkpoint, layer: int, dtype: torch.dtype, device: torc
 
 
 def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-                      freqs_cis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One decoder layer. [T, D] -> [T, D]."""
+                      freqs_cis: torch.Tensor, mask: torch.Tensor, attend=None) -> torch.Tensor:
+    """One decoder layer (`attend`: `attention`, one head at a time, unless given). [T, D] -> [T, D]."""
     x_norm = rms_norm(x, weights["attention_norm"], config.norm_eps)  # [T, D]
     record(f"layers.{layer}.attention_norm", x_norm)
-    attention_output = attention(layer, x_norm, weights, config, freqs_cis, mask)  # [T, D]
+    attention_output = (attend or attention)(layer, x_norm, weights, config, freqs_cis, mask)  # [T, D]
     record(f"layers.{layer}.attention.output", attention_output)
     attention_residual = x + attention_output  # [T, D]
     record(f"layers.{layer}.attention_residual", attention_residual)
@@ -129,9 +154,10 @@ def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tens
 
 def forward(ckpt: Checkpoint, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu", layer_input: LayerInput | None = None,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, vectorized: bool = False) -> torch.Tensor:
     """Tokens -> logits [T, V], recording every canonical name.
 
+    `vectorized` computes all heads of a layer at once (same names, same values within float32 rounding).
     `layer_input(l)`, when given, replaces the input of layer l (l = n_layers: the final norm's input): isolated mode
     feeds each layer the reference's input so a bug is found in its own layer instead of drowned in drift.
     """
@@ -151,7 +177,8 @@ def forward(ckpt: Checkpoint, tokens: Sequence[int], *, dtype: torch.dtype = tor
     for layer in layers:
         if layer_input is not None:
             x = layer_input(layer).to(device=device, dtype=dtype)
-        x = transformer_layer(layer, x, layer_weights(ckpt, layer, dtype, device), config, freqs_cis, mask)
+        heads = {"attend": attention_all_heads} if vectorized else {}  # one head at a time by default, as the notebook
+        x = transformer_layer(layer, x, layer_weights(ckpt, layer, dtype, device), config, freqs_cis, mask, **heads)
     if layer_input is not None:
         x = layer_input(config.n_layers).to(device=device, dtype=dtype)
     norm = rms_norm(x, ckpt.tensor("norm.weight").to(device=device, dtype=dtype), config.norm_eps)  # [T, D]

@@ -89,3 +89,17 @@ def test_trace_metadata(traces):
         assert f.attrs["implementation"] == "scratch" and f.attrs["dtype"] == "float32"
         assert f.attrs["rope_scaling_factor"] == 8.0 and len(f.attrs["checkpoint"]) == 64
     assert load_trace(traces["3.0", "float32"]).attrs["rope_scaling_factor"] == 0.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vectorized_path_records_the_same_names_within_float32_rounding(tiny_checkpoint, traces, tmp_path, variant):
+    from harness.cli import main
+
+    assert main(["trace", str(tiny_checkpoint(variant)), "--vectorized", "--out", str(tmp_path / "v.h5")]) == 0
+    per_head, vectorized = load_trace(traces[variant, "float32"]), load_trace(tmp_path / "v.h5")
+    assert vectorized.names == per_head.names and vectorized.attrs["attention"] == "all heads at once"
+    for name in per_head.names[1:]:
+        a, b = vectorized[name].double(), per_head[name].double()
+        rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert rel < 1e-5, f"{name}: vectorized vs one head at a time, relative L2 error {rel:.2e}"
+    assert per_head.attrs["attention"] == "one head at a time"
