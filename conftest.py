@@ -144,9 +144,10 @@ class Verified:
     summary: dict
 
     def result(self, name: str) -> dict:
-        for r in self.comparison["results"]:
-            if r["name"] == name:
-                return r
+        if not hasattr(self, "_by_name"):  # each of the thousand tests asks for one name
+            self._by_name = {r["name"]: r for r in self.comparison["results"]}
+        if name in self._by_name:
+            return self._by_name[name]
         raise AssertionError(f"{name!r} was not compared (only in one trace?) in {self.out / 'comparison.json'}")
 
 

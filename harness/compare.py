@@ -347,17 +347,14 @@ def tokenizer_for(attrs: dict[str, Any]) -> Callable[[int], str] | None:
     path = attrs.get("checkpoint_path")
     if not isinstance(path, str) or not Path(path).is_dir():
         return None
-    try:
-        from .checkpoint import open_checkpoint
-        from .tokenizer import load_tokenizer
+    from .checkpoint import open_checkpoint
+    from .runner import token_text
 
+    try:
         ckpt = open_checkpoint(path)
-        enc = load_tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
+        return token_text(ckpt) if ckpt.tokenizer_path else None
     except HarnessError:
         return None
-    if enc is None:
-        return None
-    return lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace") if t < enc.n_vocab else f"<{t}>"
 
 
 __all__ = ["Comparison", "NameResult", "compare_tensors", "compare_traces", "write_json"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,20 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str) -> list[int]:
     return tokens
 
 
-def decode_token(ckpt: Checkpoint, token: int) -> str:
+def token_text(ckpt: Checkpoint) -> Callable[[int], str]:
+    """`text(id)` for this checkpoint's tokenizer, loaded once; ids beyond the tokenizer (benchmark shapes) as <id N>."""
     enc = load_tokenizer(ckpt.tokenizer_path)
-    if not 0 <= token < enc.n_vocab:  # a vocabulary larger than the tokenizer (benchmark shapes): no text for it
-        return f"<id {token}>"
-    return enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+    def text(token: int) -> str:
+        if not 0 <= token < enc.n_vocab:
+            return f"<id {token}>"
+        return enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+    return text
+
+
+def decode_token(ckpt: Checkpoint, token: int) -> str:
+    return token_text(ckpt)(token)
 
 
 def trace_metadata(ckpt: Checkpoint, *, implementation: str, dtype: str, tokens: list[int], prompt: str,

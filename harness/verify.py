@@ -14,7 +14,7 @@ from .checkpoint import open_checkpoint
 from .compare import Comparison, compare_traces, write_json
 from .errors import HarnessError
 from .report import write_report
-from .runner import DEFAULT_PROMPT, check_device, decode_token, parse_dtype, trace_scratch
+from .runner import DEFAULT_PROMPT, check_device, parse_dtype, token_text, trace_scratch
 from .tracing import Trace, load_trace
 
 
@@ -62,9 +62,7 @@ def verify(checkpoint: str | Path, *, out: str | Path = "verify-out", dtype: str
         scratch_logits = trace_scratch(ckpt, scratch_path, prompt=prompt, dtype=dtype, device=device, progress=progress,
                                        layer_input=layer_input, isolated=isolated)  # fmt: skip
 
-    def text(token: int) -> str:
-        return decode_token(ckpt, token)
-
+    text = token_text(ckpt)  # the tokenizer, loaded once for every token shown
     comparison = compare_traces(ref_path, scratch_path, token_text=text)
     write_json(comparison, out / "comparison.json")
     ref_token, scratch_token = int(ref_logits[-1].float().argmax()), int(scratch_logits[-1].float().argmax())
