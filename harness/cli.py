@@ -23,17 +23,17 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .checkpoint import open_checkpoint
-    from .runner import decode_token, trace_implementation
+    from .implementation import resolve
+    from .runner import make_run, trace
 
-    ckpt = open_checkpoint(args.checkpoint)
     if args.vectorized and args.impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
-    extra = {"vectorized": True} if args.vectorized else {}
-    logits = trace_implementation(args.impl, ckpt, args.out, prompt=args.prompt, dtype=args.dtype, names=args.names,
-                                  device=args.device, progress=sys.stderr.isatty(), **extra)  # fmt: skip
+    impl = resolve(args.impl, vectorized=args.vectorized, progress=sys.stderr.isatty())
+    run = make_run(args.checkpoint, prompt=args.prompt, dtype=args.dtype, device=args.device, names=args.names)
+    logits = trace(run, impl, args.out)
     token = int(logits[-1].float().argmax())
-    print(f"{args.impl} ({args.dtype}): next token {decode_token(ckpt, token)!r} (id {token}); trace written to {args.out}")
+    print(f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens): next token {run.text(token)!r} (id {token}); "
+          f"trace written to {args.out}")  # fmt: skip
     return 0
 
 
@@ -64,10 +64,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
     result = verify(args.checkpoint, out=args.out, dtype=args.dtype, prompt=args.prompt, isolated=args.isolated,
-                    device=args.device, progress=sys.stderr.isatty())  # fmt: skip
+                    device=args.device, progress=sys.stderr.isatty(), impl=args.impl, vectorized=args.vectorized)  # fmt: skip
     print(text_report(result.comparison))
     print(f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
-          f"scratch {result.scratch_text!r} (id {result.scratch_token})")  # fmt: skip
+          f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})")  # fmt: skip
     print(f"traces, comparison.json and report.html written to {result.out}")
     return 0 if result.passed else 1
 
@@ -92,6 +92,9 @@ def cmd_golden(args: argparse.Namespace) -> int:
             failed += not comparison.passed
             print(f"{entry.id}: {summary_line(comparison)}")
     return 1 if failed else 0
+
+
+IMPL_HELP = "scratch, reference, MODULE:ATTR or path/to/file.py:ATTR: a forward(checkpoint, tokens, *, dtype, device) or an Adapter"
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trace", help="run one implementation and record every intermediate to HDF5")
     p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
-    p.add_argument("--impl", default="scratch", choices=["scratch", "reference"])
+    p.add_argument("--impl", default="scratch", metavar="IMPL", help=IMPL_HELP + " (default: scratch)")
     p.add_argument("--out", required=True, help="trace file to write (.h5)")
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
     p.add_argument("--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)")
@@ -144,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="fixed RMS absolute term against A (instead of the oracle rule)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("verify", help="trace the reference and the from-scratch forward, compare, write a report")
+    p = sub.add_parser("verify", help="trace the reference and an implementation (the from-scratch forward by default), compare, write a report")
     p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
     p.add_argument("--out", default="verify-out", help="folder for traces and report (default: ./verify-out)")
-    p.add_argument("--isolated", action="store_true", help="feed each scratch layer the reference's input to it")
+    p.add_argument("--impl", default="scratch", metavar="IMPL", help=IMPL_HELP + " (default: scratch)")
+    p.add_argument("--isolated", action="store_true", help="feed each layer of the implementation the reference's input to it")
+    p.add_argument("--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)")
     _add_run_options(p)
     p.set_defaults(func=cmd_verify)
 

@@ -1,18 +1,27 @@
-"""Run an implementation on a checkpoint and a prompt into a trace file, with the metadata every trace carries."""
+"""The one run path: a run's inputs parsed once (`make_run`), any implementation traced from them (`trace`).
+
+The Hugging Face reference, the scratch forward and a user's code are three implementations of one contract
+(harness/implementation.py); this module gives each the same tokens, records the same metadata, checks the same shapes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
+from . import names as canon
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import HarnessError
+from .implementation import Implementation, builtin
+from .isolation import isolated
 from .tokenizer import encode_prompt, load_tokenizer
-from .tracing import tracing
+from .tracing import Trace, record, record_calls, recorded, tracing
 
 DEFAULT_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -37,11 +46,15 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def prompt_tokens(ckpt: Checkpoint, prompt: str) -> list[int]:
-    """`[<|begin_of_text|>] + encode(prompt)`, checked against the checkpoint's vocabulary and context."""
+def _tokenizer(ckpt: Checkpoint):
     if ckpt.tokenizer_path is None:
         raise HarnessError(f"{ckpt.path}: no tokenizer.model (or tokenizer.json) in the checkpoint directory")
-    enc = load_tokenizer(ckpt.tokenizer_path)
+    return load_tokenizer(ckpt.tokenizer_path)
+
+
+def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
+    """`[<|begin_of_text|>] + encode(prompt)`, checked against the checkpoint's vocabulary and context."""
+    enc = enc or _tokenizer(ckpt)
     if enc.n_vocab > ckpt.config.vocab_size:
         raise HarnessError(f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is {ckpt.config.vocab_size}")
     tokens = encode_prompt(enc, prompt)
@@ -54,8 +67,10 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str) -> list[int]:
 
 def token_text(ckpt: Checkpoint) -> Callable[[int], str]:
     """`text(id)` for this checkpoint's tokenizer, loaded once; ids beyond the tokenizer (benchmark shapes) as <id N>."""
-    enc = load_tokenizer(ckpt.tokenizer_path)
+    return _text(load_tokenizer(ckpt.tokenizer_path))
 
+
+def _text(enc) -> Callable[[int], str]:
     def text(token: int) -> str:
         if not 0 <= token < enc.n_vocab:
             return f"<id {token}>"
@@ -68,39 +83,119 @@ def decode_token(ckpt: Checkpoint, token: int) -> str:
     return token_text(ckpt)(token)
 
 
-def trace_metadata(ckpt: Checkpoint, *, implementation: str, dtype: str, tokens: list[int], prompt: str,
-                   device: str = "cpu", **extra: Any) -> dict[str, Any]:
-    config = ckpt.config
-    return dict(
-        implementation=implementation, dtype=dtype, device=device, prompt=prompt, tokens=json.dumps(tokens),
-        checkpoint=ckpt.fingerprint(), checkpoint_path=str(ckpt.path), checkpoint_format=ckpt.format,
-        config=json.dumps(config.to_dict()), n_layers=config.n_layers, n_heads=config.n_heads,
-        rope_theta=config.rope_theta, rope_scaling_factor=config.rope_scaling_factor or 0.0, **extra,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Run:
+    """A run's inputs, parsed once: the checkpoint, the prompt's tokens, dtype, device, name filters, isolated or not.
+
+    Every implementation (the reference, the scratch forward, a user's) is traced from one of these.
+    """
+
+    checkpoint: Checkpoint
+    prompt: str
+    tokens: list[int]
+    dtype: str
+    device: str = "cpu"
+    names: tuple[str, ...] | None = None
+    isolated: bool = False
+    text: Callable[[int], str] = repr  # token id -> text, from the tokenizer loaded once for the run
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def make_run(checkpoint: Checkpoint | str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
+             device: str = "cpu", names: Sequence[str] | None = None, isolated: bool = False) -> Run:
+    """Check every input before any work (errors come first) and load the tokenizer once."""
+    parse_dtype(dtype)
+    check_device(device)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    enc = _tokenizer(ckpt)
+    tokens = prompt_tokens(ckpt, prompt, enc)
+    return Run(ckpt, prompt, tokens, dtype, device, tuple(names) if names else None, isolated, _text(enc))
+
+
+def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any]:
+    return dict(implementation=implementation, dtype=run.dtype, device=run.device, prompt=run.prompt,
+                tokens=json.dumps(run.tokens), checkpoint=run.checkpoint, isolated=run.isolated, **extra)  # fmt: skip
+
+
+def expected_shape(run: Run, name: str) -> tuple[int, ...] | None:
+    """The shape a canonical name must have in this run (None for names that are not canonical)."""
+    c, n_tokens = run.checkpoint.config, len(run.tokens)
+    sizes = {"T": n_tokens, "dim": c.dim, "vocab": c.vocab_size, "ffn_dim": c.ffn_dim, "head_dim": c.head_dim}
+    layer, head, part = canon.parse(name)
+    axes = canon.axes(name)
+    if axes is None or (layer is not None and layer >= c.n_layers) or (head is not None and head >= c.n_heads):
+        return None
+    return tuple(sizes[a] for a in axes)
+
+
+def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace | None = None) -> torch.Tensor:
+    """Trace `impl` on `run` into `out`; returns its logits [T, V]. The harness records `tokens` and the run's
+    metadata, and `logits` from the return value unless the implementation recorded them. In isolated mode
+    (`run.isolated`) every `harness.layer_input` call gets the input `reference` gave that layer.
+    Nothing is written when the implementation fails, records nothing, or records or returns a wrong shape."""
+    config = run.checkpoint.config
+    tokens = torch.tensor(run.tokens, dtype=torch.long)  # [T]
+
+    def check_shape(name: str, shape: tuple[int, ...]) -> str | None:
+        want = expected_shape(run, name)
+        if want is not None and shape != want:
+            return f"{impl.name}: recorded {name!r} with shape {list(shape)}, expected {list(want)}"
+        return None
+
+    isolation = contextlib.nullcontext()
+    if run.isolated:
+        if reference is None:
+            raise HarnessError("isolated mode needs the reference's trace")
+        isolation = isolated(_reference_input(reference), config.n_layers, impl.name)
+    meta = trace_metadata(run, impl.name, **impl.metadata)
+    with tracing(out, names=run.names, check_shape=check_shape, **meta), torch.inference_mode():
+        record("tokens", tokens)
+        with isolation:
+            logits = _call(impl, run, tokens)
+        if record_calls() == 1:
+            raise HarnessError(f"{impl.name}: recorded nothing: call harness.record(NAME, tensor) at the canonical names "
+                               f"(README: Canonical names), or map them in an Adapter")  # fmt: skip
+        if not recorded("logits"):
+            record("logits", logits)
+    return logits
+
+
+def _call(impl: Implementation, run: Run, tokens: torch.Tensor) -> torch.Tensor:
+    try:
+        logits = impl.forward(run.checkpoint, tokens, dtype=run.torch_dtype, device=run.device)
+    except (HarnessError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise HarnessError(f"{impl.name} raised {type(e).__name__}: {e} (rerun with --debug for the traceback)") from e
+    want = (len(run.tokens), run.checkpoint.config.vocab_size)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise HarnessError(f"{impl.name}: returned logits {got}, expected a tensor of shape {list(want)} ([T, vocab])")
+    return logits
+
+
+def _reference_input(reference: Trace):
+    """Isolated mode: `embeddings` into layer 0, `layers.{l-1}.output` into layer l (l = n_layers: the final norm)."""
+
+    def layer_input(layer: int) -> torch.Tensor:
+        return reference["embeddings"] if layer == 0 else reference[f"layers.{layer - 1}.output"]
+
+    return layer_input
 
 
 def trace_scratch(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
                   names: list[str] | None = None, device: str = "cpu", progress: bool = False,
-                  layer_input=None, vectorized: bool = False, **extra: Any) -> torch.Tensor:
+                  vectorized: bool = False) -> torch.Tensor:
     """The from-scratch forward traced into `out`; returns the logits [T, V]."""
-    from . import scratch
-
-    torch_dtype = parse_dtype(dtype)
-    tokens = prompt_tokens(ckpt, prompt)
-    meta = trace_metadata(ckpt, implementation="scratch", dtype=dtype, tokens=tokens, prompt=prompt, device=device,
-                          attention="all heads at once" if vectorized else "one head at a time", **extra)  # fmt: skip
-    with tracing(out, names=names, **meta), torch.inference_mode():
-        return scratch.forward(ckpt, tokens, dtype=torch_dtype, device=device, progress=progress, layer_input=layer_input,
-                               vectorized=vectorized)
+    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
+    return trace(run, builtin("scratch", vectorized=vectorized, progress=progress), out)
 
 
-def trace_implementation(impl: str, ckpt: Checkpoint, out: str | Path, **options: Any) -> torch.Tensor:
-    """`--impl scratch` or `--impl reference` into a trace file; returns the logits [T, V]."""
-    check_device(options.get("device", "cpu"))
-    if impl == "scratch":
-        return trace_scratch(ckpt, out, **options)
-    if impl == "reference":
-        from .reference import trace_reference
-
-        return trace_reference(ckpt, out, **options)
-    raise HarnessError(f"unknown implementation {impl!r}; choose scratch or reference")
+def trace_reference(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
+                    names: list[str] | None = None, device: str = "cpu", oracle: bool = True) -> torch.Tensor:
+    """The Hugging Face reference traced into `out` (with its float64 oracle under `_oracle.`); returns the logits."""
+    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
+    return trace(run, builtin("reference", oracle=oracle), out)

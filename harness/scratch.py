@@ -6,15 +6,14 @@ KV kv heads, hd head_dim, F ffn_dim, V vocab. Each step is a small function so i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, rope_frequencies
+from .isolation import layer_input
 from .tracing import is_tracing, record
-
-LayerInput = Callable[[int], torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -152,37 +151,32 @@ def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tens
     return output
 
 
-def forward(ckpt: Checkpoint, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", layer_input: LayerInput | None = None,
-            progress: bool = False, vectorized: bool = False) -> torch.Tensor:
-    """Tokens -> logits [T, V], recording every canonical name.
+def forward(checkpoint: Checkpoint, tokens: torch.Tensor | Sequence[int], *, dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu", progress: bool = False, vectorized: bool = False) -> torch.Tensor:
+    """Tokens [T] -> logits [T, V], recording every canonical name (the harness records `tokens`).
 
-    `vectorized` computes all heads of a layer at once (same names, same values within float32 rounding).
-    `layer_input(l)`, when given, replaces the input of layer l (l = n_layers: the final norm's input): isolated mode
-    feeds each layer the reference's input so a bug is found in its own layer instead of drowned in drift.
+    `vectorized` computes all heads of a layer at once (same names, same values within float32 rounding). Each
+    layer's input passes through `harness.layer_input`: in isolated mode it is the reference's input to that layer,
+    so a bug is found in its own layer instead of drowned in drift; otherwise it is `x` itself.
     """
-    config = ckpt.config
-    tokens_t = torch.tensor(list(tokens), dtype=torch.long)  # [T]
-    record("tokens", tokens_t)
-    n_tokens = tokens_t.shape[0]
-    x = ckpt.tensor("tok_embeddings.weight")[tokens_t].to(device=device, dtype=dtype)  # [T, D]
+    config = checkpoint.config
+    tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [T]
+    x = checkpoint.tensor("tok_embeddings.weight")[tokens].to(device=device, dtype=dtype)  # [T, D]
     record("embeddings", x)
-    freqs_cis = rope_freqs_cis(config, n_tokens, dtype, device)  # [T, hd/2]
-    mask = causal_mask(n_tokens, upcast(dtype), device)  # [T, T]
+    freqs_cis = rope_freqs_cis(config, tokens.shape[0], dtype, device)  # [T, hd/2]
+    mask = causal_mask(tokens.shape[0], upcast(dtype), device)  # [T, T]
     layers = range(config.n_layers)
     if progress:
         from tqdm import tqdm
 
         layers = tqdm(layers, desc="scratch", unit="layer", leave=False)
+    heads = {"attend": attention_all_heads} if vectorized else {}  # one head at a time by default, as the notebook
     for layer in layers:
-        if layer_input is not None:
-            x = layer_input(layer).to(device=device, dtype=dtype)
-        heads = {"attend": attention_all_heads} if vectorized else {}  # one head at a time by default, as the notebook
-        x = transformer_layer(layer, x, layer_weights(ckpt, layer, dtype, device), config, freqs_cis, mask, **heads)
-    if layer_input is not None:
-        x = layer_input(config.n_layers).to(device=device, dtype=dtype)
-    norm = rms_norm(x, ckpt.tensor("norm.weight").to(device=device, dtype=dtype), config.norm_eps)  # [T, D]
+        x = layer_input(layer, x)  # isolated mode: the reference's input to this layer
+        x = transformer_layer(layer, x, layer_weights(checkpoint, layer, dtype, device), config, freqs_cis, mask, **heads)
+    x = layer_input(config.n_layers, x)
+    norm = rms_norm(x, checkpoint.tensor("norm.weight").to(device=device, dtype=dtype), config.norm_eps)  # [T, D]
     record("norm", norm)
-    logits = norm @ ckpt.tensor("output.weight").to(device=device, dtype=dtype).T  # [T, V]
+    logits = norm @ checkpoint.tensor("output.weight").to(device=device, dtype=dtype).T  # [T, V]
     record("logits", logits)
     return logits

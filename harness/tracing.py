@@ -9,7 +9,7 @@ import fnmatch
 import json
 import os
 import platform
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 RESERVED_PREFIX = "_"
 
 _active: _Recorder | None = None
+ShapeCheck = Callable[[str, tuple[int, ...]], "str | None"]
 
 
 def record(name: str, tensor: torch.Tensor) -> None:
@@ -36,6 +37,16 @@ def record(name: str, tensor: torch.Tensor) -> None:
 
 def is_tracing() -> bool:
     return _active is not None
+
+
+def recorded(name: str) -> bool:
+    """Whether the open trace holds `name` already."""
+    return _active is not None and canon.to_path(name) in _active.file
+
+
+def record_calls() -> int:
+    """How many times `record` was called in the open trace (names filtered out included)."""
+    return _active.calls if _active is not None else 0
 
 
 def library_versions() -> dict[str, str]:
@@ -59,10 +70,12 @@ def _to_attr(value: Any) -> Any:
 
 
 class _Recorder:
-    def __init__(self, file: h5py.File, patterns: Sequence[str] | None):
+    def __init__(self, file: h5py.File, patterns: Sequence[str] | None, check_shape: ShapeCheck | None = None):
         self.file = file
         self.patterns = list(patterns) if patterns else None
+        self.check_shape = check_shape
         self.count = 0
+        self.calls = 0  # record() calls, kept or filtered out
 
     def wants(self, name: str) -> bool:
         if name == "tokens" or self.patterns is None or (name.startswith(RESERVED_PREFIX) and "." not in name):
@@ -72,12 +85,15 @@ class _Recorder:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
     def record(self, name: str, tensor: torch.Tensor) -> None:
+        self.calls += 1
         if not self.wants(name):
             return
         path = canon.to_path(name)
         if path in self.file:
             raise HarnessError(f"trace: name {name!r} recorded twice")
         t = torch.as_tensor(tensor).detach()
+        if self.check_shape is not None and (problem := self.check_shape(name, tuple(t.shape))):
+            raise HarnessError(problem)
         computed = str(t.dtype).removeprefix("torch.")
         if t.dtype == torch.bfloat16:
             t = t.float()  # HDF5 has no bfloat16; every bfloat16 value is exact in float32
@@ -90,6 +106,23 @@ class _Recorder:
         if (axes := canon.axes(name)) is not None and len(axes) == t.dim():
             ds.attrs["axes"] = ",".join(axes)
         self.count += 1
+
+
+def _checkpoint_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """`checkpoint=` an opened Checkpoint (or its directory) becomes its fingerprint, path, format and config."""
+    checkpoint = metadata.get("checkpoint")
+    if checkpoint is None or isinstance(checkpoint, str) and not Path(checkpoint).is_dir():
+        return metadata  # absent, or already a fingerprint
+    if not hasattr(checkpoint, "fingerprint"):
+        from .checkpoint import open_checkpoint
+
+        checkpoint = open_checkpoint(checkpoint)
+    config = checkpoint.config
+    stamped = dict(checkpoint=checkpoint.fingerprint(), checkpoint_path=str(checkpoint.path),
+                   checkpoint_format=checkpoint.format, config=config.to_dict(), n_layers=config.n_layers,
+                   n_heads=config.n_heads, rope_theta=config.rope_theta,
+                   rope_scaling_factor=config.rope_scaling_factor or 0.0)  # fmt: skip
+    return {**stamped, **{k: v for k, v in metadata.items() if k != "checkpoint"}}
 
 
 def _temporary_path(path: Path) -> Path:
@@ -116,10 +149,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, **metadata: Any) -> Iterator[None]:
+def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, check_shape: ShapeCheck | None = None,
+            **metadata: Any) -> Iterator[None]:
     """Open a trace: every `record(...)` inside goes to the HDF5 file at `path`.
 
-    `names` are glob patterns (e.g. "layers.0.*"); `tokens` is always kept. `metadata` becomes file attributes.
+    `names` are glob patterns (e.g. "layers.0.*"); `tokens` is always kept. `metadata` becomes file attributes
+    (`checkpoint=` an opened Checkpoint stamps its fingerprint, path and config, so `compare` can tell checkpoints
+    apart). `check_shape(name, shape)` returns an error message for a tensor of the wrong shape, or None.
     The file appears only when the block ends without error; an existing file is replaced atomically.
     """
     global _active
@@ -135,9 +171,9 @@ def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, **me
             file.attrs["format_version"] = FORMAT_VERSION
             file.attrs["encoding"] = "llama3-harness-trace"
             file.attrs["library_versions"] = json.dumps(library_versions())
-            for key, value in metadata.items():
+            for key, value in _checkpoint_metadata(metadata).items():
                 file.attrs[key] = _to_attr(value)
-            _active = _Recorder(file, names)
+            _active = _Recorder(file, names, check_shape)
             try:
                 yield
             finally:

@@ -1,6 +1,7 @@
-"""`verify`: trace the Hugging Face reference (with its float64 oracle) and the from-scratch forward, compare, report.
+"""`verify`: trace the Hugging Face reference (with its float64 oracle) and an implementation, compare, report.
 
-Isolated mode feeds each scratch layer the reference's input to it, so a bug is found in its own layer.
+The implementation is the from-scratch forward unless `impl` names another (`--impl`). Isolated mode feeds each of its
+layers the reference's input, so a bug is found in its own layer.
 """
 
 from __future__ import annotations
@@ -8,65 +9,73 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .checkpoint import open_checkpoint
 from .compare import Comparison, compare_traces, write_json
 from .errors import HarnessError
+from .implementation import builtin, resolve
 from .report import write_report
-from .runner import DEFAULT_PROMPT, check_device, parse_dtype, token_text, trace_scratch
-from .tracing import Trace, load_trace
+from .runner import DEFAULT_PROMPT, check_device, make_run, parse_dtype, trace
+from .tracing import load_trace
 
 
 @dataclass
 class VerifyResult:
     comparison: Comparison
     out: Path
+    implementation: str
+    trace_path: Path  # the implementation's trace
     reference_token: int
-    scratch_token: int
+    implementation_token: int
     reference_text: str
-    scratch_text: str
+    implementation_text: str
 
     @property
     def passed(self) -> bool:
         return self.comparison.passed
 
+    # the names of the first release, when the implementation was always the scratch forward
+    @property
+    def scratch_token(self) -> int:
+        return self.implementation_token
 
-def reference_layer_input(reference: Trace):
-    """`layer_input(l)` for isolated mode: `embeddings` into layer 0, `layers.{l-1}.output` after (l = n_layers: final norm)."""
+    @property
+    def scratch_text(self) -> str:
+        return self.implementation_text
 
-    def layer_input(layer: int) -> torch.Tensor:
-        return reference["embeddings"] if layer == 0 else reference[f"layers.{layer - 1}.output"]
 
-    return layer_input
+def trace_file(impl: str) -> str:
+    """`scratch.h5` for the scratch forward (as before `--impl` existed), `implementation.h5` for any other."""
+    return "scratch.h5" if impl == "scratch" else "implementation.h5"
 
 
 def verify(checkpoint: str | Path, *, out: str | Path = "verify-out", dtype: str = "float32", prompt: str = DEFAULT_PROMPT,
-           isolated: bool = False, device: str = "cpu", progress: bool = False) -> VerifyResult:
-    """Trace both implementations into `out` (reference.h5, scratch.h5), compare, write comparison.json and report.html."""
-    from .reference import trace_reference
-
+           isolated: bool = False, device: str = "cpu", progress: bool = False, impl: str = "scratch",
+           vectorized: bool = False) -> VerifyResult:
+    """Trace both sides into `out` (reference.h5, and scratch.h5 or implementation.h5), compare, write
+    comparison.json and report.html. Every input is checked before any work."""
     parse_dtype(dtype)
     check_device(device)
+    if vectorized and impl != "scratch":
+        raise HarnessError("--vectorized applies to --impl scratch only")
+    implementation = resolve(impl, vectorized=vectorized, progress=progress)
     out = Path(out)
     if not out.parent.is_dir():
         raise HarnessError(f"{out}: parent folder {out.parent} does not exist")
     if out.exists() and not out.is_dir():
         raise HarnessError(f"{out}: exists and is not a folder")
-    ckpt = open_checkpoint(checkpoint)
+    run = make_run(checkpoint, prompt=prompt, dtype=dtype, device=device, isolated=isolated)
+    reference_run = make_run(run.checkpoint, prompt=prompt, dtype=dtype, device=device)
     out.mkdir(exist_ok=True)
-    ref_path, scratch_path = out / "reference.h5", out / "scratch.h5"
-    ref_logits = trace_reference(ckpt, ref_path, prompt=prompt, dtype=dtype, device=device, progress=progress, oracle=True)
+    ref_path, impl_path = out / "reference.h5", out / trace_file(impl)
+    ref_logits = trace(reference_run, builtin("reference"), ref_path)
     with load_trace(ref_path) as reference:
-        layer_input = reference_layer_input(reference) if isolated else None
-        scratch_logits = trace_scratch(ckpt, scratch_path, prompt=prompt, dtype=dtype, device=device, progress=progress,
-                                       layer_input=layer_input, isolated=isolated)  # fmt: skip
+        impl_logits = trace(run, implementation, impl_path, reference=reference)
 
-    text = token_text(ckpt)  # the tokenizer, loaded once for every token shown
-    comparison = compare_traces(ref_path, scratch_path, token_text=text)
+    comparison = compare_traces(ref_path, impl_path, token_text=run.text)
     write_json(comparison, out / "comparison.json")
-    ref_token, scratch_token = int(ref_logits[-1].float().argmax()), int(scratch_logits[-1].float().argmax())
-    notes = [f"checkpoint {ckpt.path}, dtype {dtype}, {'isolated layers' if isolated else 'end to end'}; prompt {prompt!r}",
-             f"next token: reference {text(ref_token)!r} (id {ref_token}), scratch {text(scratch_token)!r} (id {scratch_token})"]  # fmt: skip
+    ref_token, impl_token = int(ref_logits[-1].float().argmax()), int(impl_logits[-1].float().argmax())
+    text = run.text
+    notes = [f"implementation {implementation.name}; checkpoint {run.checkpoint.path}, dtype {dtype}, "
+             f"{'isolated layers' if isolated else 'end to end'}; prompt {prompt!r} ({len(run.tokens)} tokens)",
+             f"next token: reference {text(ref_token)!r} (id {ref_token}), {implementation.name} {text(impl_token)!r} (id {impl_token})"]  # fmt: skip
     write_report(comparison, out, notes=notes)
-    return VerifyResult(comparison, out, ref_token, scratch_token, text(ref_token), text(scratch_token))
+    return VerifyResult(comparison, out, implementation.name, impl_path, ref_token, impl_token, text(ref_token), text(impl_token))

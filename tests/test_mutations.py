@@ -180,7 +180,7 @@ def _once(folder: Path, key: str, compute: Callable[[Path], dict]) -> dict:
 
 
 def _reference(ckpt, out: Path, dtype: str) -> Path:
-    from harness.reference import trace_reference
+    from harness.runner import trace_reference
 
     trace_reference(ckpt, out, prompt=PROMPT, dtype=dtype, oracle=True)
     return out

@@ -10,11 +10,11 @@ import dataclasses
 import pytest
 import torch
 
-from harness import hf_layout, load_trace, reference, scratch
+from harness import adapter, hf_layout, load_trace, reference, scratch
 from harness.checkpoint import open_checkpoint
 from harness.compare import rel_l2
-from harness.reference import build_model, trace_reference
-from harness.runner import trace_scratch
+from harness.reference import build_model
+from harness.runner import trace_reference, trace_scratch
 
 CASES = [(v, f) for v in ("3.0", "3.1", "3.2") for f in ("meta", "hf")]
 REL_L2 = 1e-5  # compare.py's float32 bound; measured worst 2.8e-6
@@ -140,6 +140,13 @@ def test_a_wrong_gqa_mapping_in_scratch_is_caught(tiny_checkpoint, tmp_path, mon
 
 
 def test_a_wrong_gqa_mapping_in_the_reference_is_caught(tiny_checkpoint, tmp_path, monkeypatch):
+    """An adapter whose k/v map query head h to KV head h % n_kv (instead of h // n_rep) fails at head 1's k."""
     ckpt = open_checkpoint(tiny_checkpoint("3.2"))
-    monkeypatch.setattr(reference, "kv_head", lambda head, n_rep: head % ckpt.config.n_kv_heads)
+
+    def modulo(x, config):  # [KV, T, hd] -> [H, T, hd], the wrong way round
+        return x[[h % config.n_kv_heads for h in range(config.n_heads)]]
+
+    taps = {name: dataclasses.replace(tap, transforms=tuple(modulo if t is adapter.kv_to_query_heads else t for t in tap.transforms))
+            for name, tap in reference.HF_TAPS.items()}  # fmt: skip
+    monkeypatch.setattr(reference, "HUGGING_FACE", dataclasses.replace(reference.HUGGING_FACE, taps=taps))
     assert _first_divergence(tmp_path, ckpt, ckpt) == "layers.0.attention.heads.1.k"

@@ -1,0 +1,112 @@
+"""`--impl`: the implementation a run traces, by name (`scratch`, `reference`), `MODULE:ATTR` or `path/to/file.py:ATTR`.
+
+Every implementation is one contract: `forward(checkpoint, tokens, *, dtype, device) -> logits [T, V]`, recording
+canonical names with `harness.record`. A function in the notebook's style is one; so is an `Adapter` (harness/adapter.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import HarnessError
+
+Forward = Callable[..., torch.Tensor]  # forward(checkpoint, tokens, *, dtype, device) -> logits [T, V]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """What `--impl` named, ready to call; `metadata` goes into the trace's attributes."""
+
+    name: str
+    forward: Forward
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progress: bool = False) -> Implementation:
+    """The harness's own implementations: `scratch` (the notebook's forward) and `reference` (Hugging Face)."""
+    if name == "scratch":
+        from . import scratch
+
+        forward = functools.partial(scratch.forward, vectorized=vectorized, progress=progress)
+        return Implementation("scratch", forward, {"attention": "all heads at once" if vectorized else "one head at a time"})
+    if name == "reference":
+        from . import reference
+
+        forward = functools.partial(reference.forward, oracle=oracle)
+        return Implementation("reference", forward, {"oracle": "float64 (layer by layer)" if oracle else "none"})
+    raise HarnessError(f"unknown implementation {name!r}; choose scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
+
+
+def resolve(spec: str, **options: Any) -> Implementation:
+    """`scratch`, `reference`, `MODULE:ATTR` or `path/to/file.py:ATTR`, checked against the contract before any work."""
+    if spec in ("scratch", "reference"):
+        return builtin(spec, **options)
+    if ":" not in spec:
+        raise HarnessError(f"--impl {spec}: expected scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
+    where, attr = spec.rsplit(":", 1)
+    module = _load_file(spec, Path(where)) if where.endswith(".py") else _import(spec, where)
+    if not hasattr(module, attr):
+        raise HarnessError(f"--impl {spec}: {where} has no attribute {attr!r}")
+    forward = getattr(module, attr)
+    check_signature(spec, forward)
+    return Implementation(spec, forward)
+
+
+def check_signature(spec: str, forward: Any) -> None:
+    """`forward(checkpoint, tokens, *, dtype, device)` must be a valid call."""
+    if not callable(forward):
+        raise HarnessError(f"--impl {spec}: {type(forward).__name__} object is not callable; expected "
+                           f"forward(checkpoint, tokens, *, dtype, device) or a harness.adapter.Adapter")  # fmt: skip
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: its call will tell
+    try:
+        signature.bind(None, None, dtype=None, device=None)
+    except TypeError as e:
+        raise HarnessError(f"--impl {spec}: signature {signature} does not accept "
+                           f"forward(checkpoint, tokens, *, dtype, device) ({e})") from None  # fmt: skip
+
+
+def _import(spec: str, module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise HarnessError(f"--impl {spec}: no module named {module_name!r} (installed, or on PYTHONPATH?)") from None
+        raise HarnessError(f"--impl {spec}: importing {module_name} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise HarnessError(f"--impl {spec}: importing {module_name} failed: {type(e).__name__}: {e}") from e
+
+
+def _load_file(spec: str, path: Path):
+    """A Python file as a module of its own (named after its path, so two files of one name do not clash); its folder
+    is on sys.path while it loads, so it can import its neighbours."""
+    if not path.is_file():
+        raise HarnessError(f"--impl {spec}: file {path} not found")
+    path = path.resolve()
+    name = f"harness_impl_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    sys.path.insert(0, str(path.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+        raise HarnessError(f"--impl {spec}: loading {path.name} failed{where}: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
