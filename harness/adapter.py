@@ -97,6 +97,48 @@ def input_of(target: str, *transforms: Transform, index: int = 0, call: int = 0)
     return Tap(target, "input", index, transforms, call)
 
 
+# Where a Llama's modules sit, by Meta's module names (llama/model.py); those inside a layer relative to it.
+META_PATHS = {
+    "tok_embeddings": "tok_embeddings", "layers": "layers.{layer}", "attention_norm": "attention_norm",
+    "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo", "ffn_norm": "ffn_norm",
+    "w1": "feed_forward.w1", "w3": "feed_forward.w3", "w2": "feed_forward.w2", "norm": "norm",
+}  # fmt: skip
+
+
+def llama_taps(paths: Mapping[str, str] = META_PATHS, *, half_split: bool = False) -> dict[str, Tap]:
+    """Every canonical name a Llama's modules give, from where they sit (`paths`: Meta's module names -> the model's,
+    missing keys as Meta's). `half_split`: q/k rows permuted for rotate_half (Hugging Face's layout), mapped back.
+
+    What no module returns (rotated q/k, scores, probs) comes from function taps added to this table.
+    """
+    p = {**META_PATHS, **paths}
+    layer, head = p["layers"], "layers.{layer}.attention.heads.{head}"
+
+    def at(key: str) -> str:
+        return f"{layer}.{p[key]}"
+
+    qk = (interleave_halves,) if half_split else ()
+    q = (drop_batch, split_heads("n_heads"))  # [1, T, H*hd] -> [H, T, hd]
+    kv = (drop_batch, split_heads("n_kv_heads"), kv_to_query_heads)  # [1, T, KV*hd] -> [H, T, hd]
+    return {
+        "embeddings": output_of(p["tok_embeddings"], drop_batch),
+        "layers.{layer}.attention_norm": output_of(at("attention_norm"), drop_batch),
+        f"{head}.q": output_of(at("wq"), *q, *qk),
+        f"{head}.k": output_of(at("wk"), *kv, *qk),
+        f"{head}.v": output_of(at("wv"), *kv),
+        f"{head}.output": input_of(at("wo"), *q),  # the heads, concatenated, go into wo
+        "layers.{layer}.attention.output": output_of(at("wo"), drop_batch),
+        "layers.{layer}.attention_residual": input_of(at("ffn_norm"), drop_batch),
+        "layers.{layer}.ffn_norm": output_of(at("ffn_norm"), drop_batch),
+        "layers.{layer}.feed_forward.gate": output_of(at("w1"), drop_batch),
+        "layers.{layer}.feed_forward.up": output_of(at("w3"), drop_batch),
+        "layers.{layer}.feed_forward.hidden": input_of(at("w2"), drop_batch),
+        "layers.{layer}.feed_forward.output": output_of(at("w2"), drop_batch),
+        "layers.{layer}.output": output_of(layer, drop_batch),
+        "norm": output_of(p["norm"], drop_batch),
+    }
+
+
 def _record(name: str, value: torch.Tensor, config: ModelConfig, prefix: str) -> None:
     if "{head}" not in name:
         record(prefix + name, value)

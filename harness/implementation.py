@@ -48,8 +48,15 @@ def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progres
     raise HarnessError(f"unknown implementation {name!r}; choose scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
 
 
-def resolve(spec: str, **options: Any) -> Implementation:
-    """`scratch`, `reference`, `MODULE:ATTR` or `path/to/file.py:ATTR`, checked against the contract before any work."""
+def resolve(spec: str | Forward | Implementation, **options: Any) -> Implementation:
+    """`scratch`, `reference`, `MODULE:ATTR` or `path/to/file.py:ATTR` (or, from Python, the forward or Adapter itself),
+    checked against the contract before any work."""
+    if isinstance(spec, Implementation):
+        return spec
+    if not isinstance(spec, str):
+        name = getattr(spec, "__qualname__", None) or type(spec).__name__
+        check_signature(name, spec)
+        return Implementation(name, spec)
     if spec in ("scratch", "reference"):
         return builtin(spec, **options)
     if ":" not in spec:

@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from . import hf_layout
-from .adapter import Adapter, drop_batch, heads_first, input_of, interleave_halves, kv_to_query_heads, output_of, split_heads
+from .adapter import Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .tracing import record
@@ -106,31 +106,19 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu") -> Ll
 
 # ---- the adapter: where each canonical name sits in transformers' LlamaForCausalLM --------------------------------
 
-_LAYER = "model.layers.{layer}"
+# Where Meta's modules sit in transformers' LlamaForCausalLM (see print(model)); q/k rows in half-split order.
+HF_PATHS = {
+    "tok_embeddings": "model.embed_tokens", "layers": "model.layers.{layer}", "attention_norm": "input_layernorm",
+    "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj",
+    "norm": "model.norm",
+}  # fmt: skip
 _HEAD = "layers.{layer}.attention.heads.{head}"
-_Q = (drop_batch, split_heads("n_heads"), interleave_halves)  # [1, T, H*hd] -> [H, T, hd], Meta's pair order
-_KV = (drop_batch, split_heads("n_kv_heads"), kv_to_query_heads)  # [1, T, KV*hd] -> [H, T, hd]
-
-HF_TAPS = {
-    "embeddings": output_of("model.embed_tokens", drop_batch),
-    "layers.{layer}.attention_norm": output_of(f"{_LAYER}.input_layernorm", drop_batch),
-    f"{_HEAD}.q": output_of(f"{_LAYER}.self_attn.q_proj", *_Q),
-    f"{_HEAD}.k": output_of(f"{_LAYER}.self_attn.k_proj", *_KV, interleave_halves),
-    f"{_HEAD}.v": output_of(f"{_LAYER}.self_attn.v_proj", *_KV),
+HF_TAPS = llama_taps(HF_PATHS, half_split=True) | {
     f"{_HEAD}.q_rotated": input_of("harness.reference:attention_scores", drop_batch, interleave_halves, index=0),
     f"{_HEAD}.k_rotated": input_of("harness.reference:attention_scores", drop_batch, kv_to_query_heads, interleave_halves, index=1),
     f"{_HEAD}.scores": output_of("harness.reference:attention_scores", drop_batch),
     f"{_HEAD}.probs": output_of("harness.reference:attention", drop_batch, index=1),
-    f"{_HEAD}.output": output_of("harness.reference:attention", drop_batch, heads_first, index=0),
-    "layers.{layer}.attention.output": output_of(f"{_LAYER}.self_attn.o_proj", drop_batch),
-    "layers.{layer}.attention_residual": input_of(f"{_LAYER}.post_attention_layernorm", drop_batch),
-    "layers.{layer}.ffn_norm": output_of(f"{_LAYER}.post_attention_layernorm", drop_batch),
-    "layers.{layer}.feed_forward.gate": output_of(f"{_LAYER}.mlp.gate_proj", drop_batch),
-    "layers.{layer}.feed_forward.up": output_of(f"{_LAYER}.mlp.up_proj", drop_batch),
-    "layers.{layer}.feed_forward.hidden": input_of(f"{_LAYER}.mlp.down_proj", drop_batch),
-    "layers.{layer}.feed_forward.output": output_of(f"{_LAYER}.mlp.down_proj", drop_batch),
-    "layers.{layer}.output": output_of(_LAYER, drop_batch),
-    "norm": output_of("model.norm", drop_batch),
 }  # fmt: skip
 
 
@@ -138,8 +126,7 @@ def _run_hf(model: LlamaForCausalLM, tokens: torch.Tensor):
     return model(tokens[None], use_cache=False)
 
 
-HUGGING_FACE = Adapter(build=build_model, taps=HF_TAPS,
-                       layers=_LAYER, final_norm="model.norm", run=_run_hf)  # fmt: skip
+HUGGING_FACE = Adapter(build=build_model, taps=HF_TAPS, layers=HF_PATHS["layers"], final_norm=HF_PATHS["norm"], run=_run_hf)
 
 
 class _RMSNormFloat64(LlamaRMSNorm):

@@ -6,12 +6,15 @@ layers the reference's input, so a bug is found in its own layer.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import Comparison, compare_traces, write_json
 from .errors import HarnessError
-from .implementation import builtin, resolve
+from .implementation import Forward, builtin, resolve
 from .report import write_report
 from .runner import DEFAULT_PROMPT, check_device, make_run, parse_dtype, trace
 from .tracing import load_trace
@@ -48,7 +51,7 @@ def trace_file(impl: str) -> str:
 
 
 def verify(checkpoint: str | Path, *, out: str | Path = "verify-out", dtype: str = "float32", prompt: str = DEFAULT_PROMPT,
-           isolated: bool = False, device: str = "cpu", progress: bool = False, impl: str = "scratch",
+           isolated: bool = False, device: str = "cpu", progress: bool = False, impl: str | Forward = "scratch",
            vectorized: bool = False) -> VerifyResult:
     """Trace both sides into `out` (reference.h5, and scratch.h5 or implementation.h5), compare, write
     comparison.json and report.html. Every input is checked before any work."""
@@ -63,12 +66,18 @@ def verify(checkpoint: str | Path, *, out: str | Path = "verify-out", dtype: str
     if out.exists() and not out.is_dir():
         raise HarnessError(f"{out}: exists and is not a folder")
     run = make_run(checkpoint, prompt=prompt, dtype=dtype, device=device, isolated=isolated)
-    reference_run = make_run(run.checkpoint, prompt=prompt, dtype=dtype, device=device)
-    out.mkdir(exist_ok=True)
-    ref_path, impl_path = out / "reference.h5", out / trace_file(impl)
-    ref_logits = trace(reference_run, builtin("reference"), ref_path)
-    with load_trace(ref_path) as reference:
-        impl_logits = trace(run, implementation, impl_path, reference=reference)
+    reference_run = dataclasses.replace(run, isolated=False)
+    ref_path, impl_path = out / "reference.h5", out / trace_file(implementation.name)
+    # both traces are staged beside `out` and moved in only when both succeeded: a failing implementation leaves no
+    # file written or changed
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
+        staged_ref, staged_impl = Path(staging) / ref_path.name, Path(staging) / impl_path.name
+        ref_logits = trace(reference_run, builtin("reference"), staged_ref)
+        with load_trace(staged_ref) as reference:
+            impl_logits = trace(run, implementation, staged_impl, reference=reference)
+        out.mkdir(exist_ok=True)
+        os.replace(staged_ref, ref_path)
+        os.replace(staged_impl, impl_path)
 
     comparison = compare_traces(ref_path, impl_path, token_text=run.text)
     write_json(comparison, out / "comparison.json")

@@ -1,7 +1,9 @@
-"""The everyday suite: each canonical name of the from-scratch forward against the Hugging Face reference.
+"""The suite: each canonical name of an implementation (the from-scratch forward unless `--llama3-impl` names
+another) against the Hugging Face reference.
 
-Parametrized from the checkpoint's config (`--checkpoint DIR`, or the bundled tiny ones): layers x heads x names.
-The bound of each name is calibrated on the reference's own rounding against its float64 oracle (harness/compare.py).
+Run by the pytest plugin (harness/pytest_plugin.py), parametrized from the checkpoint's config
+(`--llama3-checkpoint DIR`, or the bundled tiny ones): layers x heads x names. The bound of each name is calibrated on
+the reference's own rounding against its float64 oracle (harness/compare.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def check(verified, case, name: str) -> None:
     if r.get("worst_token") is not None:
         where += f" ({r['worst_token']!r})"
     lines = [
-        f"{name} diverges ({case.id}): rel_l2 {_fmt(r['rel_l2'])} vs bound {_fmt(r['bound'])} (ratio {_fmt(r['ratio'])}"
+        f"{name} diverges in {case.impl} ({case.id}): rel_l2 {_fmt(r['rel_l2'])} vs bound {_fmt(r['bound'])} (ratio {_fmt(r['ratio'])}"
         + (f", reference's own error {_fmt(r['floor'])}" if r.get("floor") is not None else "") + ")",
         f"  max_abs {_fmt(r['max_abs'])}, max_rel {_fmt(r['max_rel'])}, cosine {_fmt(r['cosine'])}; worst at {where}",
     ]
@@ -36,7 +38,7 @@ def check(verified, case, name: str) -> None:
         lines.append(f"  non-finite values: {r['nonfinite']}")
     lines.append(f"  first divergence in the whole trace: {first}"
                  + (f"; non-finite values first appear at {run.comparison['first_nonfinite']}" if run.comparison.get("first_nonfinite") else ""))  # fmt: skip
-    lines.append(f"  traces and report: {run.out} (python -m harness compare {run.out / 'reference.h5'} {run.out / 'scratch.h5'})")
+    lines.append(f"  traces and report: {run.out}; rerun: python -m harness compare {run.out / 'reference.h5'} {run.summary['trace']}")
     pytest.fail("\n".join(lines), pytrace=False)
 
 
@@ -72,7 +74,7 @@ def test_logits(verified, case):
 def test_next_token(verified, case):
     """The notebook's "42" moment: both implementations predict the same next token."""
     s = verified(case).summary
-    assert s["reference_token"] == s["scratch_token"], (
+    assert s["reference_token"] == s["impl_token"], (
         f"next token: reference {s['reference_text']!r} (id {s['reference_token']}), "
-        f"scratch {s['scratch_text']!r} (id {s['scratch_token']})"
+        f"{s['impl']} {s['impl_text']!r} (id {s['impl_token']})"
     )
