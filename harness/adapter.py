@@ -8,6 +8,7 @@ Shapes: T tokens, H query heads, KV kv heads, hd head_dim.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -188,6 +189,9 @@ class Adapter:
     `build(checkpoint, dtype, device)` returns the module with the checkpoint's weights; `layers` is the path of decoder
     layer `{layer}` and `final_norm` of the final norm (isolated mode replaces their inputs, through a forward
     pre-hook that calls `harness.layer_input`); `run(module, tokens)` calls it (default `module(tokens[None])`).
+    Generation (`--generate`): `run_step(module, tokens, start_pos, cache)` calls the module on one step's tokens with
+    its own KV cache (kept in `cache`, a dict the harness passes back at every step); `cache_taps` are taps read only
+    in generation steps (`cache_k`, `cache_v`: what a head attends over). The module is built once, at the prefill.
     """
 
     build: Callable[[Checkpoint, torch.dtype, torch.device], torch.nn.Module]
@@ -195,6 +199,8 @@ class Adapter:
     layers: str
     final_norm: str
     run: Callable[[torch.nn.Module, torch.Tensor], Any] = run_tokens
+    run_step: Callable[[torch.nn.Module, torch.Tensor, int, dict], Any] | None = None
+    cache_taps: Mapping[str, Tap] = dataclasses.field(default_factory=dict)
 
     def __call__(self, checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
                  device: torch.device | str) -> torch.Tensor:
@@ -203,13 +209,23 @@ class Adapter:
             logits = _logits_of(self.run(module, tokens.to(device)))
         return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
 
+    def decode(self, checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str,
+               start_pos: int, cache: dict) -> torch.Tensor:
+        """One generation step (the decode contract): the module built at the prefill, kept in `cache`."""
+        if "_module" not in cache:
+            cache["_module"] = self.build(checkpoint, dtype, torch.device(device))
+        module = cache["_module"]
+        with self.attached(module, checkpoint.config, cache=True):
+            logits = _logits_of(self.run_step(module, tokens.to(device), start_pos, cache))
+        return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
+
     @contextmanager
     def attached(self, root: torch.nn.Module, config: ModelConfig, *, prefix: str = "",
-                 layer: int | None = None) -> Iterator[None]:
+                 layer: int | None = None, cache: bool = False) -> Iterator[None]:
         """Hooks and function wrappers on `root` for the duration of the block; names recorded under `prefix`.
 
         With `layer`, `root` is that one decoder layer (the float64 oracle builds them one at a time): only the taps
-        inside a layer are attached, by their paths relative to it.
+        inside a layer are attached, by their paths relative to it. `cache`: the `cache_taps` as well.
         """
         with ExitStack() as stack:
             current = _Layer(layer)
@@ -219,7 +235,7 @@ class Adapter:
                     stack.enter_context(_layer_pre_hook(submodule(root, self.layers.format(layer=index)), index, current))
                 stack.enter_context(_layer_pre_hook(submodule(root, self.final_norm), config.n_layers, current))
             by_function: dict[str, list[tuple[str, Tap]]] = {}
-            for name, tap in self.taps.items():
+            for name, tap in ({**self.taps, **self.cache_taps} if cache else self.taps).items():
                 if tap.is_function:
                     by_function.setdefault(tap.target, []).append((name, tap))
                     continue

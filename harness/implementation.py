@@ -2,6 +2,9 @@
 
 Every implementation is one contract: `forward(checkpoint, tokens, *, dtype, device) -> logits [T, V]`, recording
 canonical names with `harness.record`. A function in the notebook's style is one; so is an `Adapter` (harness/adapter.py).
+Generation (`--generate`) adds two keywords, the decode contract: `forward(checkpoint, tokens, *, dtype, device,
+start_pos, cache) -> logits [T, V]` for the step's T new tokens at positions start_pos ..; `cache` is a dict, empty at
+the prefill, the same dict at every later step, for the implementation's own KV cache.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Implementation:
     name: str
     forward: Forward
     metadata: dict[str, Any] = field(default_factory=dict)
+    decode: Forward | None = None  # the decode contract, when it is not `forward` itself (the reference's)
 
 
 def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progress: bool = False) -> Implementation:
@@ -44,7 +48,8 @@ def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progres
         from . import reference
 
         forward = functools.partial(reference.forward, oracle=oracle)
-        return Implementation("reference", forward, {"oracle": "float64 (layer by layer)" if oracle else "none"})
+        return Implementation("reference", forward, {"oracle": "float64 (layer by layer)" if oracle else "none"},
+                              functools.partial(reference.decode, oracle=oracle))
     raise HarnessError(f"unknown implementation {name!r}; choose scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
 
 
@@ -84,6 +89,30 @@ def check_signature(spec: str, forward: Any) -> None:
     except TypeError as e:
         raise HarnessError(f"--impl {spec}: signature {signature} does not accept "
                            f"forward(checkpoint, tokens, *, dtype, device) ({e})") from None  # fmt: skip
+
+
+def decoder(impl: Implementation) -> Forward:
+    """The implementation's decode step, `forward(checkpoint, tokens, *, dtype, device, start_pos, cache)`, checked."""
+    from .adapter import Adapter
+
+    if impl.decode is not None:
+        return impl.decode
+    forward = impl.forward
+    if isinstance(forward, Adapter):
+        if forward.run_step is None:
+            raise HarnessError(f"--impl {impl.name}: --generate needs the Adapter's run_step(module, tokens, start_pos, "
+                               f"cache), which calls the module on one step with its own KV cache (README: Generation)")  # fmt: skip
+        return forward.decode
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        return forward
+    try:
+        signature.bind(None, None, dtype=None, device=None, start_pos=0, cache={})
+    except TypeError:
+        raise HarnessError(f"--impl {impl.name}: --generate needs forward(checkpoint, tokens, *, dtype, device, start_pos, "
+                           f"cache) (README: Generation); its signature is {signature}") from None  # fmt: skip
+    return forward
 
 
 def _import(spec: str, module_name: str):

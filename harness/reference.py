@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask, eager_mask
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -122,11 +122,31 @@ HF_TAPS = llama_taps(HF_PATHS, half_split=True) | {
 }  # fmt: skip
 
 
+# In a generation step the attention function's key and value are the whole cache (the step's appended): the step's own
+# rotated q/k come from apply_rotary_pos_emb instead, and the cache is read where attention reads it.
+_ROPE = "transformers.models.llama.modeling_llama:apply_rotary_pos_emb"
+HF_CACHE_TAPS = {
+    f"{_HEAD}.q_rotated": output_of(_ROPE, drop_batch, interleave_halves, index=0),
+    f"{_HEAD}.k_rotated": output_of(_ROPE, drop_batch, kv_to_query_heads, interleave_halves, index=1),
+    f"{_HEAD}.cache_k": input_of("harness.reference:attention_scores", drop_batch, kv_to_query_heads, interleave_halves, index=1),
+    f"{_HEAD}.cache_v": input_of("harness.reference:attention", drop_batch, kv_to_query_heads, index=3),
+}  # fmt: skip
+
+
 def _run_hf(model: LlamaForCausalLM, tokens: torch.Tensor):
     return model(tokens[None], use_cache=False)
 
 
-HUGGING_FACE = Adapter(build=build_model, taps=HF_TAPS, layers=HF_PATHS["layers"], final_norm=HF_PATHS["norm"], run=_run_hf)
+def _step_hf(model: LlamaForCausalLM, tokens: torch.Tensor, start_pos: int, cache: dict):
+    """One generation step with HF's own KV cache, a `DynamicCache` (positions and mask follow its length)."""
+    kv = cache.setdefault("past_key_values", DynamicCache(config=model.config))
+    if kv.get_seq_length() != start_pos:
+        raise RuntimeError(f"reference: KV cache holds {kv.get_seq_length()} positions at start_pos {start_pos}")
+    return model(tokens[None], past_key_values=kv, use_cache=True)
+
+
+HUGGING_FACE = Adapter(build=build_model, taps=HF_TAPS, layers=HF_PATHS["layers"], final_norm=HF_PATHS["norm"], run=_run_hf,
+                       run_step=_step_hf, cache_taps=HF_CACHE_TAPS)  # fmt: skip
 
 
 class _RMSNormFloat64(LlamaRMSNorm):
@@ -142,30 +162,42 @@ def _norm_float64(weight: torch.Tensor, eps: float) -> _RMSNormFloat64:
     return norm
 
 
-def _rotary_float64(cfg: LlamaConfig, n_tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary_float64(cfg: LlamaConfig, n_tokens: int, device: str, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's RoPE cos/sin [1, T, hd] from HF's own inv_freq (float32 values, as HF and Meta define the frequencies),
     with angles, cos and sin in float64: LlamaRotaryEmbedding computes them in float32 whatever the model's dtype."""
     rotary = LlamaRotaryEmbedding(config=cfg)
     inv_freq = rotary.inv_freq.to(device=device, dtype=torch.float64)  # [hd/2], 3.1 scaling applied by HF
-    angles = torch.outer(torch.arange(n_tokens, device=device, dtype=torch.float64), inv_freq)  # [T, hd/2]
+    positions = torch.arange(start_pos, start_pos + n_tokens, device=device, dtype=torch.float64)  # [T]
+    angles = torch.outer(positions, inv_freq)  # [T, hd/2]
     emb = torch.cat((angles, angles), dim=-1)  # [T, hd], HF's half-split order
     return (emb.cos() * rotary.attention_scaling)[None], (emb.sin() * rotary.attention_scaling)[None]
 
 
+def _step_mask(n_tokens: int, start_pos: int, device: torch.device | str) -> torch.Tensor:
+    """Eager attention's mask for a generation step: finfo.min where a key lies after the query. [1, 1, T, start_pos + T]"""
+    mask = torch.full((n_tokens, start_pos + n_tokens), torch.finfo(torch.float64).min, dtype=torch.float64, device=device)
+    return torch.triu(mask, diagonal=start_pos + 1)[None, None]
+
+
 def run_oracle(ckpt: Checkpoint, tokens: torch.Tensor, *, prefix: str = ORACLE_PREFIX, device: torch.device | str = "cpu",
-               chunk_rows: int = 16384) -> torch.Tensor:
+               chunk_rows: int = 16384, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
     """The reference in float64, one decoder layer resident at a time (HF's own module classes, traced by the same
     adapter), logits in chunks of vocabulary rows: the oracle costs one layer's weights in float64, not the whole
-    model's. Where HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in float64."""
+    model's. Where HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in float64.
+    Generation: with `cache` (a dict kept across steps) `tokens` sit at start_pos .. and use a float64 DynamicCache."""
     f64, config = torch.float64, ckpt.config
     cfg = hf_config(config)
     cfg._attn_implementation = ATTENTION
     ids = tokens.to(dtype=torch.long, device="cpu")
     x = ckpt.tensor("tok_embeddings.weight")[ids].to(device=device, dtype=f64)[None]  # [1, T, D]
     record(prefix + "embeddings", x[0])
-    position_ids = torch.arange(len(ids), device=device)[None]  # [1, T]
-    cos_sin = _rotary_float64(cfg, len(ids), device)
-    mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    position_ids = torch.arange(start_pos, start_pos + len(ids), device=device)[None]  # [1, T]
+    cos_sin = _rotary_float64(cfg, len(ids), device, start_pos)
+    past = None if cache is None else cache.setdefault("oracle_past_key_values", DynamicCache(config=cfg))
+    if past is None:
+        mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    else:
+        mask = _step_mask(len(ids), start_pos, device)  # [1, 1, T, K]
     for index in range(config.n_layers):
         with torch.device("meta"):
             layer = LlamaDecoderLayer(cfg, index)
@@ -174,8 +206,9 @@ def run_oracle(ckpt: Checkpoint, tokens: torch.Tensor, *, prefix: str = ORACLE_P
         layer.load_state_dict(sd, assign=True)
         layer.input_layernorm = _norm_float64(layer.input_layernorm.weight, config.norm_eps)
         layer.post_attention_layernorm = _norm_float64(layer.post_attention_layernorm.weight, config.norm_eps)
-        with HUGGING_FACE.attached(layer, config, prefix=prefix, layer=index):
-            x = _first(layer(x, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids))
+        with HUGGING_FACE.attached(layer, config, prefix=prefix, layer=index, cache=past is not None):
+            x = _first(layer(x, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids,
+                             past_key_values=past, use_cache=past is not None))  # fmt: skip
         del layer, sd
     h = _norm_float64(ckpt.tensor("norm.weight").to(device=device, dtype=f64), config.norm_eps)(x)[0]  # [T, D]
     record(prefix + "norm", h)
@@ -196,6 +229,18 @@ def forward(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
     logits = HUGGING_FACE(checkpoint, tokens, dtype=dtype, device=device)
     if oracle:
         run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device)
+    return logits
+
+
+def decode(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str,
+           start_pos: int, cache: dict, oracle: bool = True) -> torch.Tensor:
+    """One generation step of the reference (the decode contract): HF with its DynamicCache; with `oracle` also the
+    float64 oracle's step under `_oracle.NAME`, with a float64 cache of its own (re-reading one layer at a time)."""
+    if dtype == torch.float64:
+        return run_oracle(checkpoint, tokens, prefix="", device=device, start_pos=start_pos, cache=cache)
+    logits = HUGGING_FACE.decode(checkpoint, tokens, dtype=dtype, device=device, start_pos=start_pos, cache=cache)
+    if oracle:
+        run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device, start_pos=start_pos, cache=cache)
     return logits
 
 

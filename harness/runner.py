@@ -98,6 +98,7 @@ class Run:
     names: tuple[str, ...] | None = None
     isolated: bool = False
     text: Callable[[int], str] = repr  # token id -> text, from the tokenizer loaded once for the run
+    generate: int = 0  # decode steps after the prefill (harness/generation.py); 0: one forward over the prompt
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -105,14 +106,21 @@ class Run:
 
 
 def make_run(checkpoint: Checkpoint | str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
-             device: str = "cpu", names: Sequence[str] | None = None, isolated: bool = False) -> Run:
+             device: str = "cpu", names: Sequence[str] | None = None, isolated: bool = False, generate: int = 0) -> Run:
     """Check every input before any work (errors come first) and load the tokenizer once."""
     parse_dtype(dtype)
     check_device(device)
+    if not isinstance(generate, int) or generate < 0:
+        raise HarnessError(f"--generate {generate}: expected a number of decode steps, 0 or more")
+    if generate and isolated:
+        raise HarnessError("--isolated with --generate: isolated mode covers one forward pass, not generation steps")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     enc = _tokenizer(ckpt)
     tokens = prompt_tokens(ckpt, prompt, enc)
-    return Run(ckpt, prompt, tokens, dtype, device, tuple(names) if names else None, isolated, _text(enc))
+    if len(tokens) + generate > ckpt.config.max_seq_len:
+        raise HarnessError(f"{ckpt.path}: prompt of {len(tokens)} tokens plus --generate {generate} is longer than the "
+                           f"model's context of {ckpt.config.max_seq_len}")  # fmt: skip
+    return Run(ckpt, prompt, tokens, dtype, device, tuple(names) if names else None, isolated, _text(enc), generate)
 
 
 def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any]:
@@ -120,10 +128,21 @@ def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any
                 tokens=json.dumps(run.tokens), checkpoint=run.checkpoint, isolated=run.isolated, **extra)  # fmt: skip
 
 
+def step_span(run: Run, step: int) -> tuple[int, int]:
+    """(start_pos, T) of a generation step: the prefill (0) covers the prompt, decode step s >= 1 one token."""
+    n_prompt = len(run.tokens)
+    return (0, n_prompt) if step == 0 else (n_prompt + step - 1, 1)
+
+
 def expected_shape(run: Run, name: str) -> tuple[int, ...] | None:
     """The shape a canonical name must have in this run (None for names that are not canonical)."""
     c, n_tokens = run.checkpoint.config, len(run.tokens)
-    sizes = {"T": n_tokens, "dim": c.dim, "vocab": c.vocab_size, "ffn_dim": c.ffn_dim, "head_dim": c.head_dim}
+    step, _ = canon.split_step(name)
+    if step is not None and step > run.generate:
+        return None
+    start_pos, n_tokens = step_span(run, step) if step is not None else (0, n_tokens + (run.generate if name == "tokens" else 0))
+    sizes = {"T": n_tokens, "K": start_pos + n_tokens, "dim": c.dim, "vocab": c.vocab_size, "ffn_dim": c.ffn_dim,
+             "head_dim": c.head_dim}  # fmt: skip
     layer, head, part = canon.parse(name)
     axes = canon.axes(name)
     if axes is None or (layer is not None and layer >= c.n_layers) or (head is not None and head >= c.n_heads):
@@ -135,7 +154,14 @@ def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace |
     """Trace `impl` on `run` into `out`; returns its logits [T, V]. The harness records `tokens` and the run's
     metadata, and `logits` from the return value unless the implementation recorded them. In isolated mode
     (`run.isolated`) every `harness.layer_input` call gets the input `reference` gave that layer.
-    Nothing is written when the implementation fails, records nothing, or records or returns a wrong shape."""
+    Nothing is written when the implementation fails, records nothing, or records or returns a wrong shape.
+    With `run.generate` it traces a generation instead (harness/generation.py): a prefill and that many decode steps,
+    fed the tokens of `reference` when given (teacher forcing), its own greedy tokens otherwise; returns the logits of
+    every position [P + N, V]."""
+    if run.generate:
+        from .generation import trace_generation
+
+        return trace_generation(run, impl, out, reference=reference)
     config = run.checkpoint.config
     tokens = torch.tensor(run.tokens, dtype=torch.long)  # [T]
 

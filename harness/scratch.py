@@ -1,7 +1,10 @@
 """The from-scratch Llama-3 forward, step by step as the llama3-from-scratch notebook writes it, with tap points.
 
 One layer's tensors are read at a time; one head at a time, as the notebook does. Shapes: T tokens, D dim, H heads,
-KV kv heads, hd head_dim, F ffn_dim, V vocab. Each step is a small function so it can be read (and mutated in tests).
+KV kv heads, hd head_dim, F ffn_dim, V vocab, K key positions (start_pos + T). Each step is a small function so it can
+be read (and mutated in tests). Generation (`cache`, `start_pos`) is Meta's: a prefill of the prompt at start_pos 0, then
+one token at a time at start_pos P, P + 1, ..., each step's rotated keys and values appended to a KV cache of plain
+tensors, `cache["layers.{l}.k"]` [KV, K, hd].
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ def rope_freqs_cis(config: ModelConfig, n_tokens: int, dtype: torch.dtype, devic
     return torch.polar(torch.ones_like(freqs_for_each_token), freqs_for_each_token).to(device)  # [T, hd/2]
 
 
+def step_freqs_cis(config: ModelConfig, start_pos: int, n_tokens: int, dtype: torch.dtype,
+                   device: torch.device | str) -> torch.Tensor:
+    """Meta's `freqs_cis[start_pos : start_pos + T]`: the rotations of this step's positions. [T, hd/2] complex."""
+    return rope_freqs_cis(config, start_pos + n_tokens, dtype, device)[start_pos:]  # [T, hd/2]
+
+
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """RoPE: view interleaved pairs as complex numbers and multiply by freqs_cis. Stays in float32, as the notebook."""
     pairs = x.to(freqs_cis.real.dtype).unflatten(-1, (-1, 2))  # [..., T, hd/2, 2]
@@ -55,6 +64,33 @@ def causal_mask(n_tokens: int, dtype: torch.dtype, device: torch.device | str) -
     return torch.triu(mask, diagonal=1)  # [T, T]: -inf above the diagonal
 
 
+def step_mask(n_tokens: int, start_pos: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Meta's mask for a step: every cached position visible, causal among the step's own T. [T, start_pos + T]"""
+    cached = torch.zeros((n_tokens, start_pos), dtype=dtype, device=device)  # [T, start_pos]
+    return torch.hstack([cached, causal_mask(n_tokens, dtype, device)])  # [T, start_pos + T]
+
+
+def new_keys_values(x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
+                    freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's keys (rotated, float32 as the notebook's k_rotated) and values of every KV head, for the cache."""
+    T, hd = x_norm.shape[0], config.head_dim
+    k = (x_norm @ weights["attention.wk"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)  # [KV, T, hd]
+    v = (x_norm @ weights["attention.wv"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)  # [KV, T, hd]
+    return rotate(k, freqs_cis), v  # [KV, T, hd] float32, [KV, T, hd]
+
+
+def append_to_cache(cache: dict, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                    start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Meta's KV cache as plain tensors: `cache["layers.{l}.k"]` holds the rotated keys of positions 0 .. start_pos - 1,
+    [KV, start_pos, hd]; the step's T keys (and values) go after them. -> every key and value so far [KV, K, hd]."""
+    k_name, v_name = f"layers.{layer}.k", f"layers.{layer}.v"
+    past_k = cache.get(k_name, keys[:, :0])[:, :start_pos]  # [KV, start_pos, hd]
+    past_v = cache.get(v_name, values[:, :0])[:, :start_pos]  # [KV, start_pos, hd]
+    cache[k_name] = torch.cat([past_k, keys], dim=1)  # [KV, start_pos + T, hd]
+    cache[v_name] = torch.cat([past_v, values], dim=1)  # [KV, start_pos + T, hd]
+    return cache[k_name], cache[v_name]
+
+
 def softmax(masked_scores: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.softmax(masked_scores, dim=1)  # over keys, per query row
 
@@ -64,9 +100,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-              freqs_cis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-head attention of one layer, as the notebook's loop over heads. [T, D] -> [T, D]."""
+              freqs_cis: torch.Tensor, mask: torch.Tensor, cache: dict | None = None, start_pos: int = 0) -> torch.Tensor:
+    """Per-head attention of one layer, as the notebook's loop over heads. [T, D] -> [T, D].
+
+    With a `cache` (generation), the step's keys and values are appended to it first, and each head attends over the
+    cache: every position so far (K = start_pos + T) instead of the step's own T."""
     hd, dim = config.head_dim, config.dim
+    if cache is not None:
+        cache_k, cache_v = append_to_cache(cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos)
     wq = weights["attention.wq"].view(config.n_heads, hd, dim)  # [H, hd, D]
     wk = weights["attention.wk"].view(config.n_kv_heads, hd, dim)  # [KV, hd, D]
     wv = weights["attention.wv"].view(config.n_kv_heads, hd, dim)  # [KV, hd, D]
@@ -78,12 +119,14 @@ def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]
         v = x_norm @ wv[kv].T  # [T, hd]
         q_rotated = rotate(q, freqs_cis)  # [T, hd] float32
         k_rotated = rotate(k, freqs_cis)  # [T, hd] float32
-        scores = (q_rotated @ k_rotated.T) / score_scale(config)  # [T, T] float32
-        probs = softmax(scores + mask).to(x_norm.dtype)  # [T, T]
-        output = probs @ v  # [T, hd]
+        keys, values = (k_rotated, v) if cache is None else (cache_k[kv], cache_v[kv])  # [K, hd]: what this head attends
+        scores = (q_rotated @ keys.T) / score_scale(config)  # [T, K] float32
+        probs = softmax(scores + mask).to(x_norm.dtype)  # [T, K]
+        output = probs @ values  # [T, hd]
         if is_tracing():  # the names cost more than the no-op record calls: build them only when tracing
+            cached = (("cache_k", keys), ("cache_v", values)) if cache is not None else ()
             for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
-                                ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+                                *cached, ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
                 record(f"layers.{layer}.attention.heads.{head}.{name}", value)
         head_outputs.append(output)
     stacked = torch.cat(head_outputs, dim=-1)  # [T, H * hd]
@@ -91,7 +134,8 @@ def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]
 
 
 def attention_all_heads(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-                        freqs_cis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                        freqs_cis: torch.Tensor, mask: torch.Tensor, cache: dict | None = None,
+                        start_pos: int = 0) -> torch.Tensor:
     """The same attention with every head at once (batched matmuls, `forward(vectorized=True)`); same names recorded.
 
     Agrees with the per-head loop within float32 rounding (tests/test_scratch.py). [T, D] -> [T, D].
@@ -103,13 +147,18 @@ def attention_all_heads(layer: int, x_norm: torch.Tensor, weights: dict[str, tor
     v = (x_norm @ weights["attention.wv"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)[kv]  # [H, T, hd]
     q_rotated = rotate(q, freqs_cis)  # [H, T, hd] float32
     k_rotated = rotate(k, freqs_cis)  # [H, T, hd] float32
-    scores = (q_rotated @ k_rotated.transpose(1, 2)) / score_scale(config)  # [H, T, T] float32
-    probs = torch.nn.functional.softmax(scores + mask, dim=-1).to(x_norm.dtype)  # [H, T, T], over keys
-    output = probs @ v  # [H, T, hd]
+    keys, values = k_rotated, v  # [H, K, hd]
+    if cache is not None:  # generation: attend over the cache, this step's keys and values appended
+        cache_k, cache_v = append_to_cache(cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos)
+        keys, values = cache_k[kv], cache_v[kv]  # [H, K, hd]
+    scores = (q_rotated @ keys.transpose(1, 2)) / score_scale(config)  # [H, T, K] float32
+    probs = torch.nn.functional.softmax(scores + mask, dim=-1).to(x_norm.dtype)  # [H, T, K], over keys
+    output = probs @ values  # [H, T, hd]
     if is_tracing():
+        cached = (("cache_k", keys), ("cache_v", values)) if cache is not None else ()
         for head in range(config.n_heads):
             for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
-                                ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+                                *cached, ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
                 record(f"layers.{layer}.attention.heads.{head}.{name}", value[head])
     stacked = output.transpose(0, 1).reshape(T, -1)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
@@ -136,11 +185,12 @@ def layer_weights(ckpt: Checkpoint, layer: int, dtype: torch.dtype, device: torc
 
 
 def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-                      freqs_cis: torch.Tensor, mask: torch.Tensor, attend=None) -> torch.Tensor:
-    """One decoder layer (`attend`: `attention`, one head at a time, unless given). [T, D] -> [T, D]."""
+                      freqs_cis: torch.Tensor, mask: torch.Tensor, attend=None, **cache) -> torch.Tensor:
+    """One decoder layer (`attend`: `attention`, one head at a time, unless given; `cache`: generation's `cache` and
+    `start_pos`, passed on to it). [T, D] -> [T, D]."""
     x_norm = rms_norm(x, weights["attention_norm"], config.norm_eps)  # [T, D]
     record(f"layers.{layer}.attention_norm", x_norm)
-    attention_output = (attend or attention)(layer, x_norm, weights, config, freqs_cis, mask)  # [T, D]
+    attention_output = (attend or attention)(layer, x_norm, weights, config, freqs_cis, mask, **cache)  # [T, D]
     record(f"layers.{layer}.attention.output", attention_output)
     attention_residual = x + attention_output  # [T, D]
     record(f"layers.{layer}.attention_residual", attention_residual)
@@ -152,19 +202,28 @@ def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tens
 
 
 def forward(checkpoint: Checkpoint, tokens: torch.Tensor | Sequence[int], *, dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", progress: bool = False, vectorized: bool = False) -> torch.Tensor:
+            device: torch.device | str = "cpu", progress: bool = False, vectorized: bool = False, start_pos: int = 0,
+            cache: dict | None = None) -> torch.Tensor:
     """Tokens [T] -> logits [T, V], recording every canonical name (the harness records `tokens`).
 
     `vectorized` computes all heads of a layer at once (same names, same values within float32 rounding). Each
     layer's input passes through `harness.layer_input`: in isolated mode it is the reference's input to that layer,
     so a bug is found in its own layer instead of drowned in drift; otherwise it is `x` itself.
+    Generation (Meta's): `tokens` sit at positions start_pos .. start_pos + T - 1 and attend over a KV `cache` (a dict,
+    empty for the prefill at start_pos 0, the same dict at every later step), which this call extends.
     """
     config = checkpoint.config
     tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [T]
     x = checkpoint.tensor("tok_embeddings.weight")[tokens].to(device=device, dtype=dtype)  # [T, D]
     record("embeddings", x)
-    freqs_cis = rope_freqs_cis(config, tokens.shape[0], dtype, device)  # [T, hd/2]
-    mask = causal_mask(tokens.shape[0], upcast(dtype), device)  # [T, T]
+    if cache is None:
+        freqs_cis = rope_freqs_cis(config, tokens.shape[0], dtype, device)  # [T, hd/2]
+        mask = causal_mask(tokens.shape[0], upcast(dtype), device)  # [T, T]
+        kv_cache = {}
+    else:
+        freqs_cis = step_freqs_cis(config, start_pos, tokens.shape[0], dtype, device)  # [T, hd/2]
+        mask = step_mask(tokens.shape[0], start_pos, upcast(dtype), device)  # [T, start_pos + T]
+        kv_cache = {"cache": cache, "start_pos": start_pos}
     layers = range(config.n_layers)
     if progress:
         from tqdm import tqdm
@@ -173,7 +232,8 @@ def forward(checkpoint: Checkpoint, tokens: torch.Tensor | Sequence[int], *, dty
     heads = {"attend": attention_all_heads} if vectorized else {}  # one head at a time by default, as the notebook
     for layer in layers:
         x = layer_input(layer, x)  # isolated mode: the reference's input to this layer
-        x = transformer_layer(layer, x, layer_weights(checkpoint, layer, dtype, device), config, freqs_cis, mask, **heads)
+        x = transformer_layer(layer, x, layer_weights(checkpoint, layer, dtype, device), config, freqs_cis, mask,
+                              **heads, **kv_cache)
     x = layer_input(config.n_layers, x)
     norm = rms_norm(x, checkpoint.tensor("norm.weight").to(device=device, dtype=dtype), config.norm_eps)  # [T, D]
     record("norm", norm)
