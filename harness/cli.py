@@ -29,8 +29,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.vectorized and args.impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
     impl = resolve(args.impl, vectorized=args.vectorized, progress=sys.stderr.isatty())
-    run = make_run(args.checkpoint, prompt=args.prompt, dtype=args.dtype, device=args.device, names=args.names)
+    run = make_run(args.checkpoint, prompt=args.prompt, dtype=args.dtype, device=args.device, names=args.names,
+                   generate=args.generate)  # fmt: skip
     logits = trace(run, impl, args.out)
+    if args.generate:
+        generated = logits[len(run.tokens) - 1 :].float().argmax(-1).tolist()  # each step's greedy token
+        print(f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens + {args.generate} decode steps): generated "
+              f"{''.join(map(run.text, generated))!r}; trace written to {args.out}")  # fmt: skip
+        return 0
     token = int(logits[-1].float().argmax())
     print(f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens): next token {run.text(token)!r} (id {token}); "
           f"trace written to {args.out}")  # fmt: skip
@@ -64,8 +70,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
     result = verify(args.checkpoint, out=args.out, dtype=args.dtype, prompt=args.prompt, isolated=args.isolated,
-                    device=args.device, progress=sys.stderr.isatty(), impl=args.impl, vectorized=args.vectorized)  # fmt: skip
+                    device=args.device, progress=sys.stderr.isatty(), impl=args.impl, vectorized=args.vectorized,
+                    generate=args.generate)  # fmt: skip
     print(text_report(result.comparison))
+    if args.generate:
+        from .report import generation_lines
+
+        print("\n".join(generation_lines(result)))
+        print(f"traces, comparison.json and report.html written to {result.out}")
+        return 0 if result.passed else 1
     print(f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
           f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})")  # fmt: skip
     print(f"traces, comparison.json and report.html written to {result.out}")
@@ -95,6 +108,11 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 IMPL_HELP = "scratch, reference, MODULE:ATTR or path/to/file.py:ATTR: a forward(checkpoint, tokens, *, dtype, device) or an Adapter"
+
+
+def _add_generate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="a prefill, then N decode steps of one token with a KV cache, traced as steps.{s}.NAME")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -131,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
     p.add_argument("--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)")
     _add_run_options(p)
+    _add_generate_option(p)
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("convert", help="write a checkpoint in the other format (Meta <-> Hugging Face)")
@@ -154,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolated", action="store_true", help="feed each layer of the implementation the reference's input to it")
     p.add_argument("--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)")
     _add_run_options(p)
+    _add_generate_option(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("golden", help="check today's scratch traces against golden/ (or rewrite them with --update)")

@@ -127,3 +127,61 @@ def _call_step(impl: Implementation, forward, run: Run, tokens: torch.Tensor, st
 def generated_tokens(trace: Trace) -> list[int]:
     """Each step's greedy token of the implementation traced (N + 1 of them; empty for a trace without generation)."""
     return [int(t) for t in trace.attrs.get("generated", [])]
+
+
+# ---- cache against no cache ---------------------------------------------------------------------------------------
+
+
+def _no_cache_slice(nocache: Trace, base: str, start_pos: int, n_tokens: int) -> tuple[str, torch.Tensor] | None:
+    """What a no-cache forward over every token holds for a step's `base` name: its rows start_pos .. start_pos + T
+    (and, for scores/probs, the columns up to K = start_pos + T); a head's cache_k/cache_v are its k_rotated/v rows
+    up to K."""
+    _, head, part = canon.parse(base)
+    K = start_pos + n_tokens
+    source = {"cache_k": "k_rotated", "cache_v": "v"}.get(part) if head is not None else None
+    if source is not None:
+        name = base[: -len(part)] + source
+        return (name, nocache[name][:K]) if name in nocache else None
+    if base not in nocache or base == "tokens":
+        return None
+    value = nocache[base][start_pos:K]
+    return base, (value[:, :K] if head is not None and part in ("scores", "probs") else value)
+
+
+def cache_vs_no_cache(run: Run, steps_path: str | Path, nocache_path: str | Path) -> list:
+    """Each step's names against the same implementation's no-cache forward over the prompt and the decoded tokens,
+    under compare's direct bound for the run's dtype (two runs of one implementation: no oracle needed).
+    Returns compare's NameResults, named by the step's names, in forward order."""
+    from .compare import compare_tensors
+
+    results = []
+    with _tracing.load_trace(steps_path) as steps, _tracing.load_trace(nocache_path) as nocache:
+        for name in steps.names:
+            step, base = canon.split_step(name)
+            if step is None:
+                continue
+            found = _no_cache_slice(nocache, base, *step_span(run, step))
+            if found is None:
+                continue
+            source, expected = found
+            value = steps[name]
+            if tuple(value.shape) != tuple(expected.shape):
+                raise HarnessError(f"{name!r} has shape {list(value.shape)}, the no-cache forward's {source!r} rows "
+                                   f"{list(expected.shape)}")  # fmt: skip
+            masked = ~torch.isfinite(value) & (value == expected)  # both masked the same key (-inf): nothing to judge
+            value, expected = value.masked_fill(masked, 0.0), expected.masked_fill(masked, 0.0)
+            results.append(compare_tensors(name, expected, value, dtype_a=nocache.dtype(source), dtype_b=steps.dtype(name)))
+    return results
+
+
+def step_summary(results: list, n_steps: int) -> list[dict[str, Any]]:
+    """Per step: how many names compared, passed, the first divergence and the worst ratio."""
+    summary = []
+    for step in range(n_steps + 1):
+        mine = [r for r in results if canon.split_step(r.name)[0] == step]
+        failed = [r for r in mine if not r.passed]
+        worst = max(mine, key=lambda r: r.ratio, default=None)
+        summary.append({"step": step, "names": len(mine), "passed": len(mine) - len(failed),
+                        "first_divergence": failed[0].name if failed else None,
+                        "worst": worst.name if worst else None, "worst_ratio": worst.ratio if worst else None})  # fmt: skip
+    return summary

@@ -1,7 +1,8 @@
 """Reports people can read: the text table `compare` prints, and report.html with matplotlib PNGs for `verify`.
 
 Plots: a layer x head heat map of error/floor per per-head name, the residual stream's error across depth, and the
-attention probabilities of both sides for the first divergent head, with token labels on the axes.
+attention probabilities of both sides for the first divergent head, with token labels on the axes; for a generation,
+the error of each layer's output and of the logits across steps.
 """
 
 from __future__ import annotations
@@ -224,6 +225,48 @@ def plot_attention(c: Comparison, path: Path, layer: int, head: int) -> bool:
     return True
 
 
+def plot_steps(c: Comparison, path: Path) -> bool:
+    """A generation: rel_l2 of each layer's output (the residual stream) and of the logits across steps, with floors."""
+    series: dict[str, list[tuple[int, NameResult]]] = {}
+    for r in c.results:
+        step, base = canon.split_step(r.name)
+        layer, head, part = canon.parse(base)
+        if step is not None and ((layer is not None and head is None and part == "output") or base == "logits"):
+            series.setdefault(base, []).append((step, r))
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tiny = 1e-18
+    for i, (base, points) in enumerate(sorted(series.items(), key=lambda kv: canon.order_key(kv[0]))):
+        xs = [s for s, _ in points]
+        line = ax.plot(xs, [max(r.rel_l2, tiny) for _, r in points], "o-", label=f"{base}", color=f"C{i}")[0]
+        if any(r.floor is not None for _, r in points):
+            ax.plot(xs, [max(r.floor or tiny, tiny) for _, r in points], ":", color=line.get_color())
+        for x, r in points:
+            if not r.passed:
+                ax.plot([x], [max(r.rel_l2, tiny)], "x", color="red", markersize=10)
+    ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("step (0: prefill of the prompt; s: decode step s, one token)")
+    ax.set_ylabel(f"relative L2 error against {'the oracle' if c.mode != 'direct' else 'A'}")
+    ax.set_title("error across generation steps (dotted: the reference's floor; x: failed)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _step_table(steps: list[dict]) -> str:
+    fail = ' class="fail"'
+    rows = "".join(f"<tr{'' if s['first_divergence'] is None else fail}><td>{s['step']}</td><td>{s['passed']}/{s['names']}</td>"
+                   f"<td>{html.escape(s['first_divergence'] or '-')}</td><td>{html.escape(s['worst'] or '-')}</td>"
+                   f"<td>{_fmt(s['worst_ratio'])}</td></tr>" for s in steps)  # fmt: skip
+    return ("<h2>Per step</h2><table><tr><th>step</th><th>passed</th><th>first divergence</th><th>worst name</th>"
+            "<th>ratio</th></tr>" + rows + "</table>")
+
+
 # ---- HTML ---------------------------------------------------------------------------------------------------------------
 
 
@@ -234,12 +277,16 @@ def _row(r: NameResult) -> str:
     return f"<tr{cls}>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>"
 
 
-def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness: verify", notes: list[str] = ()) -> Path:
-    """report.html and its PNGs into the folder `out` (which must exist); returns the HTML's path."""
+def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness: verify", notes: list[str] = (),
+                 steps: list[dict] | None = None) -> Path:
+    """report.html and its PNGs into the folder `out` (which must exist); returns the HTML's path. `steps`: a
+    generation's per-step summaries (harness/generation.py `step_summary`), drawn across steps and tabled."""
     out = Path(out)
     if not out.is_dir():
         raise HarnessError(f"{out}: report folder does not exist")
     images = []
+    if steps and plot_steps(c, out / "steps.png"):
+        images.append(("steps.png", "Error of each layer's output and of the logits across generation steps."))
     if plot_head_heatmaps(c, out / "heads.png"):
         images.append(("heads.png", f"Per-head {_measure(c)}, layer x head, for each per-head name."))
     if plot_depth(c, out / "depth.png"):
@@ -258,6 +305,8 @@ def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness
     ]
     if c.only_in_a or c.only_in_b:
         body.append(f"<p>Not compared: {len(c.only_in_a)} names only in A, {len(c.only_in_b)} only in B.</p>")
+    if steps:
+        body.append(_step_table(steps))
     for png, caption in images:
         body.append(f'<figure><img src="{png}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
     body.append("<h2>Worst names</h2><table><tr><th>name</th><th>rel L2</th><th>floor</th><th>bound</th><th>ratio</th>"
@@ -271,3 +320,17 @@ def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+def generation_lines(result) -> list[str]:
+    """What `verify --generate` prints after the table: per step, the cache check, each side's generated text."""
+    lines = ["", "per step (0: prefill):"]
+    for s in result.steps:
+        verdict = "ok  " if s["first_divergence"] is None else "FAIL"
+        lines.append(f"  step {s['step']:>3} {verdict} {s['passed']}/{s['names']} names"
+                     + (f", first divergence {s['first_divergence']}" if s["first_divergence"] else f", worst ratio {_fmt(s['worst_ratio'])}"))  # fmt: skip
+    bad = [r for r in result.cache_check if not r.passed]
+    lines.append(f"cache against no cache: {len(result.cache_check) - len(bad)}/{len(result.cache_check)} names agree"
+                 + (f"; first disagreement {bad[0].name} (rel_l2 {_fmt(bad[0].rel_l2)} > {_fmt(bad[0].bound)})" if bad else ""))  # fmt: skip
+    return lines + [f"generated (greedy, each side from the same teacher-forced inputs): reference {result.reference_text!r}, "
+                    f"{result.implementation} {result.implementation_text!r}"]
