@@ -1,8 +1,11 @@
 """A Llama-3 written the way the llama3-from-scratch notebook writes it, made ready for the harness.
 
 Verify it:  python -m harness verify CHECKPOINT --impl examples/my_llama.py:forward [--dtype bfloat16] [--isolated]
+            python -m harness verify CHECKPOINT --impl examples/my_llama.py:forward --generate 8   (with its KV cache)
 What it takes: `harness.record(name, tensor)` at the canonical names (README: "Canonical names"), and each layer's input
-passed through `harness.layer_input` so that `--isolated` can hand every layer the reference's input.
+passed through `harness.layer_input` so that `--isolated` can hand every layer the reference's input. For generation,
+the decode contract's `start_pos` and `cache` (README: "Generation"): the harness calls it once for the prompt
+(start_pos 0, cache empty), then once per decoded token, always with the same cache dict.
 """
 
 import torch
@@ -14,17 +17,19 @@ def rms_norm(x, weight, eps):
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * weight
 
 
-def forward(checkpoint, tokens, *, dtype, device):
+def forward(checkpoint, tokens, *, dtype, device, start_pos=0, cache=None):
     config = checkpoint.config
     weight = lambda name: checkpoint.tensor(name).to(device=device, dtype=dtype)  # one tensor, read when asked
     T, hd = len(tokens), config.head_dim
+    K = start_pos + T  # key positions this call attends to: the cached ones, then its own T
 
     # RoPE as the notebook: one unit complex number per (position, pair), in float32
     freqs = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # [hd/2]
     if config.rope_scaling is not None:  # Llama 3.1: long wavelengths divided by the factor, short ones kept
         freqs = scale_frequencies(freqs, config.rope_scaling)
-    freqs_cis = torch.polar(torch.ones(T, hd // 2), torch.outer(torch.arange(T).float(), freqs)).to(device)  # [T, hd/2]
-    mask = torch.triu(torch.full((T, T), float("-inf"), device=device), diagonal=1)  # [T, T]
+    positions = torch.arange(start_pos, K).float()  # [T]: a decoded token sits after everything cached
+    freqs_cis = torch.polar(torch.ones(T, hd // 2), torch.outer(positions, freqs)).to(device)  # [T, hd/2]
+    mask = torch.triu(torch.full((T, K), float("-inf"), device=device), diagonal=start_pos + 1)  # [T, K]
 
     x = checkpoint.tensor("tok_embeddings.weight")[tokens.cpu()].to(device=device, dtype=dtype)  # [T, D]
     harness.record("embeddings", x)
@@ -42,11 +47,18 @@ def forward(checkpoint, tokens, *, dtype, device):
             q, k, v = x_norm @ wq[head].T, x_norm @ wk[kv].T, x_norm @ wv[kv].T  # [T, hd] each
             q_rotated = rotate(q, freqs_cis)  # [T, hd] float32
             k_rotated = rotate(k, freqs_cis)  # [T, hd] float32
-            scores = q_rotated @ k_rotated.T / hd**0.5  # [T, T]
-            probs = torch.softmax(scores + mask, dim=1).to(dtype)  # [T, T]
-            output = probs @ v  # [T, hd]
+            keys, values = k_rotated, v
+            if cache is not None:  # KV cache: this KV head's rotated keys and values of every position so far
+                if head % (config.n_heads // config.n_kv_heads) == 0:  # the group's first head appends, once
+                    past_k, past_v = cache.get(f"{p}k{kv}", k_rotated[:0]), cache.get(f"{p}v{kv}", v[:0])
+                    cache[f"{p}k{kv}"], cache[f"{p}v{kv}"] = torch.cat([past_k, k_rotated]), torch.cat([past_v, v])
+                keys, values = cache[f"{p}k{kv}"], cache[f"{p}v{kv}"]  # [K, hd]
+            scores = q_rotated @ keys.T / hd**0.5  # [T, K]
+            probs = torch.softmax(scores + mask, dim=1).to(dtype)  # [T, K]
+            output = probs @ values  # [T, hd]
             h = f"{p}attention.heads.{head}."
-            for name, value in dict(q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, scores=scores,
+            cached = dict(cache_k=keys, cache_v=values) if cache is not None else {}
+            for name, value in dict(q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, **cached, scores=scores,
                                     probs=probs, output=output).items():  # fmt: skip
                 harness.record(h + name, value)
             heads.append(output)

@@ -25,6 +25,7 @@ OPTIONS = {  # option: (environment variable, help)
     "prompt": ("LLAMA3_PROMPT", "prompt after <|begin_of_text|> (default: the notebook's)"),
     "isolated": ("LLAMA3_ISOLATED", "feed each layer of the implementation the reference's input to it"),
     "trace_dir": ("LLAMA3_TRACE_DIR", "keep traces, comparison.json and report.html here for `compare` and plots"),
+    "generate": ("LLAMA3_GENERATE", "N: a prefill and N decode steps with a KV cache, tests per step (step3-layer1-head2-scores)"),
 }
 SUITE = Path(__file__).with_name("suite.py")
 
@@ -96,6 +97,7 @@ class Case:
     checkpoint: str | None = None
     tiny: tuple[str, int] | None = None
     impl: str = "scratch"
+    generate: int = 0  # decode steps after the prefill (--llama3-generate)
 
 
 def suite_cases(config) -> list[Case]:
@@ -108,16 +110,33 @@ def suite_cases(config) -> list[Case]:
     dtypes = (explicit or ("bfloat16" if checkpoint else "float32,bfloat16")).split(",")
     for d in dtypes:
         parse_dtype(d)
-    resolve(impl)  # a bad --llama3-impl is a usage error now, not a thousand red tests
+    generate = _generate(option(config, "generate"))
+    resolved = resolve(impl)  # a bad --llama3-impl is a usage error now, not a thousand red tests
+    if generate:
+        from harness.implementation import decoder
+
+        decoder(resolved)  # and one without the decode contract too
     if checkpoint:
         from harness.checkpoint import open_checkpoint
 
         c = open_checkpoint(checkpoint).config
-        return [Case(d, d, c.n_layers, c.n_heads, checkpoint=checkpoint, impl=impl) for d in dtypes]
+        return [Case(d, d, c.n_layers, c.n_heads, checkpoint=checkpoint, impl=impl, generate=generate) for d in dtypes]
     from harness.tiny import VARIANTS
 
-    return [Case(f"tiny{v}-{d}", d, VARIANTS[v]["n_layers"], VARIANTS[v]["n_heads"], tiny=(v, 0), impl=impl)
+    return [Case(f"tiny{v}-{d}", d, VARIANTS[v]["n_layers"], VARIANTS[v]["n_heads"], tiny=(v, 0), impl=impl, generate=generate)
             for v in VARIANTS for d in dtypes]  # fmt: skip
+
+
+def _generate(value) -> int:
+    from harness.errors import HarnessError
+
+    try:
+        n = int(value or 0)
+    except ValueError:
+        raise HarnessError(f"--llama3-generate {value}: expected a number of decode steps") from None
+    if n < 0:
+        raise HarnessError(f"--llama3-generate {value}: expected a number of decode steps, 0 or more")
+    return n
 
 
 def _suite_requested(config) -> bool:
@@ -155,19 +174,31 @@ def _prefix(cases: list[Case], case: Case) -> str:
     return f"{case.id}-" if len(cases) > 1 else ""
 
 
+def _steps(case: Case) -> list[int | None]:
+    """A generation's steps (0: the prefill), or [None] for one forward pass."""
+    return list(range(case.generate + 1)) if case.generate else [None]
+
+
+def _step_id(step: int | None) -> str:
+    return "" if step is None else f"step{step}-"
+
+
 def pytest_generate_tests(metafunc):
-    from harness.names import HEAD_NAMES, LAYER_NAMES
+    from harness.names import CACHE_NAMES, HEAD_NAMES, LAYER_NAMES
 
     cases = metafunc.config._llama3_cases
     if "head_case" in metafunc.fixturenames:
-        params = [(c, layer, head, part) for c in cases for layer in range(c.n_layers)
-                  for head in range(c.n_heads) for part in HEAD_NAMES]  # fmt: skip
-        ids = [f"{_prefix(cases, c)}layer{layer}-head{head}-{part}" for c, layer, head, part in params]
+        def head_parts(step):  # a generation step's heads also hold the cache they attend over
+            return HEAD_NAMES if step is None else HEAD_NAMES[:5] + CACHE_NAMES + HEAD_NAMES[5:]
+
+        params = [(c, layer, head, part, step) for c in cases for step in _steps(c) for layer in range(c.n_layers)
+                  for head in range(c.n_heads) for part in head_parts(step)]  # fmt: skip
+        ids = [f"{_prefix(cases, c)}{_step_id(step)}layer{layer}-head{head}-{part}" for c, layer, head, part, step in params]
         metafunc.parametrize("head_case", params, ids=ids)
     if "layer_case" in metafunc.fixturenames:
         parts = [p for p in LAYER_NAMES if p != "heads"]
-        params = [(c, layer, part) for c in cases for layer in range(c.n_layers) for part in parts]
-        ids = [f"{_prefix(cases, c)}layer{layer}-{part}" for c, layer, part in params]
+        params = [(c, layer, part, step) for c in cases for step in _steps(c) for layer in range(c.n_layers) for part in parts]
+        ids = [f"{_prefix(cases, c)}{_step_id(step)}layer{layer}-{part}" for c, layer, part, step in params]
         metafunc.parametrize("layer_case", params, ids=ids)
     if "case" in metafunc.fixturenames:
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
@@ -237,11 +268,12 @@ def verified(request, shared_dir):
 
                 checkpoint = case.checkpoint or tiny_dir(shared_dir / "tiny", *case.tiny)
                 result = verify(checkpoint, out=out, dtype=case.dtype, prompt=option(config, "prompt") or DEFAULT_PROMPT,
-                                isolated=bool(option(config, "isolated")), impl=case.impl)  # fmt: skip
+                                isolated=bool(option(config, "isolated")), impl=case.impl, generate=case.generate)  # fmt: skip
                 summary = dict(session=session, impl=case.impl, trace=str(result.trace_path),
                                reference_token=result.reference_token, impl_token=result.implementation_token,
                                reference_text=result.reference_text, impl_text=result.implementation_text,
-                               checkpoint=str(checkpoint))  # fmt: skip
+                               checkpoint=str(checkpoint), reference_generated=result.reference_generated,
+                               impl_generated=result.implementation_generated)  # fmt: skip
                 with atomic_path(summary_path) as tmp:
                     tmp.write_text(json.dumps(summary))
         comparison = json.loads((out / "comparison.json").read_text())

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from harness.names import head_name, layer_name
+from harness.names import head_name, layer_name, step_name
 
 
 def _fmt(x) -> str:
@@ -42,28 +42,53 @@ def check(verified, case, name: str) -> None:
     pytest.fail("\n".join(lines), pytrace=False)
 
 
+def _in_step(step: int | None, name: str) -> str:
+    return name if step is None else step_name(step, name)
+
+
+def _each_step(case) -> list[int | None]:
+    """Where a name outside the layers is checked: once, or in every step of a generation (`--llama3-generate`)."""
+    return list(range(case.generate + 1)) if case.generate else [None]
+
+
 def test_head(verified, head_case):
-    case, layer, head, part = head_case
-    check(verified, case, head_name(layer, head, part))
+    case, layer, head, part, step = head_case
+    check(verified, case, _in_step(step, head_name(layer, head, part)))
 
 
 def test_layer(verified, layer_case):
-    case, layer, part = layer_case
-    check(verified, case, layer_name(layer, part))
+    case, layer, part, step = layer_case
+    check(verified, case, _in_step(step, layer_name(layer, part)))
 
 
 def test_embeddings(verified, case):
-    check(verified, case, "embeddings")
+    for step in _each_step(case):
+        check(verified, case, _in_step(step, "embeddings"))
 
 
 def test_final_norm(verified, case):
-    check(verified, case, "norm")
+    for step in _each_step(case):
+        check(verified, case, _in_step(step, "norm"))
 
 
 def test_logits(verified, case):
     """Logits within bound, and the same top-1 token at every position where the reference's choice is clear."""
-    check(verified, case, "logits")
-    metrics = verified(case).result("logits")["logits"]
+    for step in _each_step(case):
+        _check_logits(verified, case, _in_step(step, "logits"))
+
+
+def test_cache_agrees_with_no_cache(verified, case):
+    """A generation: every step's names agree with the implementation's own no-cache forward over the same tokens."""
+    if not case.generate:
+        pytest.skip("no generation (--llama3-generate N)")
+    check_cache = verified(case).comparison["generation"]["cache_vs_no_cache"]
+    assert check_cache["passed"], (f"{case.impl} with its KV cache disagrees with its own no-cache forward, first at "
+                                   f"{check_cache['failed'][0]} ({len(check_cache['failed'])} names)")  # fmt: skip
+
+
+def _check_logits(verified, case, name: str) -> None:
+    check(verified, case, name)
+    metrics = verified(case).result(name)["logits"]
     assert metrics is not None, "no logits metrics in comparison.json"
     disagree = [i for i, same in enumerate(metrics["top1"]) if not same]
     assert not disagree or case.dtype != "float32", f"top-1 differs at positions {disagree} in float32"
@@ -72,8 +97,11 @@ def test_logits(verified, case):
 
 
 def test_next_token(verified, case):
-    """The notebook's "42" moment: both implementations predict the same next token."""
+    """The notebook's "42" moment: both implementations predict the same next token (in a generation, the same greedy
+    token at every step, each side fed the reference's tokens)."""
     s = verified(case).summary
+    assert s.get("reference_generated") == s.get("impl_generated"), (
+        f"generated: reference {s['reference_text']!r} {s['reference_generated']}, {s['impl']} {s['impl_text']!r} {s['impl_generated']}")
     assert s["reference_token"] == s["impl_token"], (
         f"next token: reference {s['reference_text']!r} (id {s['reference_token']}), "
         f"{s['impl']} {s['impl_text']!r} (id {s['impl_token']})"

@@ -1,0 +1,226 @@
+"""Generation: a prefill and decode steps with a KV cache, verified step by step (`steps.{s}.NAME`) against Hugging Face.
+
+The catalogue below holds the KV-cache bugs other projects' threads report, applied to the scratch forward's cache
+functions; each must fail at its own step and name, in float32 and bfloat16. A bug that changes a cached tensor's
+length fails as the harness's shape check (exit 2, naming the step's name and both shapes); one that changes values,
+as the comparison's first divergence. The reference of each dtype is traced once (teacher forcing feeds its greedy
+tokens to every mutant).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import names, scratch
+from harness.checkpoint import open_checkpoint
+from harness.cli import main
+from harness.compare import compare_traces
+from harness.errors import HarnessError
+from harness.implementation import builtin, resolve
+from harness.runner import make_run, trace
+from harness.tracing import load_trace
+from harness.verify import verify
+
+DTYPES = ("float32", "bfloat16")
+STEPS = 3
+HEAD0 = "layers.0.attention.heads.0"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "my_llama.py"
+
+
+# ---- the catalogue: each entry replaces one cache function of harness/scratch.py ------------------------------------
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    bug: str
+    first: str  # the step's name where the bug sits, on the tiny 3.0 checkpoint
+    target: str
+    make: Callable  # make(original) -> replacement
+
+
+def _appending(change: Callable):
+    """append_to_cache with the cache tensors the step leaves behind changed: change(past, new, start_pos) -> stored."""
+
+    def make(original):
+        def append_to_cache(cache, layer, keys, values, start_pos):
+            for name, new in ((f"layers.{layer}.k", keys), (f"layers.{layer}.v", values)):
+                past = cache.get(name, new[:, :0])[:, :start_pos]  # [KV, start_pos, hd]
+                cache[name] = change(past, new, start_pos)
+            return cache[f"layers.{layer}.k"], cache[f"layers.{layer}.v"]
+
+        return append_to_cache
+
+    return make
+
+
+def _off_by_one(past, new, start_pos):
+    """Meta's preallocated cache written one slot early: the step's key over position start_pos - 1, start_pos empty."""
+    if start_pos == 0:
+        return torch.cat([past, new], dim=1)
+    return torch.cat([past[:, :-1], new, torch.zeros_like(new)], dim=1)
+
+
+def _unrotated(original):
+    def new_keys_values(x_norm, weights, config, freqs_cis):
+        T, hd = x_norm.shape[0], config.head_dim
+        k = (x_norm @ weights["attention.wk"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)  # before RoPE
+        return k.float(), original(x_norm, weights, config, freqs_cis)[1]
+
+    return new_keys_values
+
+
+CATALOGUE = [
+    Mutant("positions_restart", "decode positions restart at 0 (RoPE of position 0 for every decoded token)",
+           f"steps.1.{HEAD0}.q_rotated", "step_freqs_cis", lambda f: lambda cfg, start, n, dt, dev: f(cfg, 0, n, dt, dev)),
+    Mutant("cache_not_appended", "decode steps do not append their keys and values to the cache",
+           f"steps.1.{HEAD0}.cache_k", "append_to_cache", _appending(lambda past, new, s: past if s else new)),
+    Mutant("cache_appended_twice", "decode steps append their keys and values twice",
+           f"steps.1.{HEAD0}.cache_k", "append_to_cache",
+           _appending(lambda past, new, s: torch.cat([past, new, new] if s else [past, new], dim=1))),
+    Mutant("cache_off_by_one", "cache written at start_pos - 1 (over the previous token's key), start_pos left empty",
+           f"steps.1.{HEAD0}.cache_k", "append_to_cache", _appending(_off_by_one)),
+    Mutant("decode_query_masked", "the prefill's causal mask triu(diagonal=1) applied to the single decode query",
+           f"steps.1.{HEAD0}.probs", "step_mask",
+           lambda f: lambda n, start, dt, dev: torch.triu(torch.full((n, start + n), float("-inf"), dtype=dt, device=dev), 1)),
+    Mutant("keys_cached_unrotated", "keys cached before RoPE and attended unrotated", f"steps.0.{HEAD0}.cache_k",
+           "new_keys_values", _unrotated),
+    Mutant("prefill_skipped", "the prompt never reaches the cache (the notebook thread's missing prefill)",
+           f"steps.1.{HEAD0}.cache_k", "append_to_cache", _appending(lambda past, new, s: new if s else new[:, :0])),
+]  # fmt: skip
+
+
+def XDIST_GROUP(item) -> str:
+    return "generation"
+
+
+@pytest.fixture(scope="session")
+def references(tiny_checkpoint, tmp_path_factory):
+    """The reference's generation (greedy, with its float64 oracle) per dtype, traced once."""
+    folder = tmp_path_factory.mktemp("generation")
+    ckpt = open_checkpoint(tiny_checkpoint("3.0"))
+    out = {}
+    for dtype in DTYPES:
+        run = make_run(ckpt, dtype=dtype, generate=STEPS)
+        trace(run, builtin("reference"), folder / f"reference-{dtype}.h5")
+        out[dtype] = (run, folder / f"reference-{dtype}.h5")
+    return out
+
+
+def first_failure(run, reference: Path, out: Path, impl="scratch") -> tuple[str | None, str]:
+    """(name, how): the first name the implementation fails at, by the shape check or the comparison."""
+    try:
+        with load_trace(reference) as ref:
+            trace(run, resolve(impl), out, reference=ref)
+    except HarnessError as e:
+        m = re.search(r"recorded '([^']+)' with shape", str(e))
+        return (m[1] if m else None), str(e)
+    c = compare_traces(reference, out)
+    return c.first_divergence, "comparison"
+
+
+# ---- the specification --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unmutated_scratch_passes_every_step(references, dtype, tmp_path):
+    run, reference = references[dtype]
+    first, how = first_failure(run, reference, tmp_path / "scratch.h5")
+    assert first is None, f"correct scratch forward fails at {first} ({how})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mutant", CATALOGUE, ids=[m.id for m in CATALOGUE])
+def test_mutant_fails_at_its_step_and_name(references, mutant, dtype, tmp_path, monkeypatch):
+    run, reference = references[dtype]
+    monkeypatch.setattr(scratch, mutant.target, mutant.make(getattr(scratch, mutant.target)))
+    first, how = first_failure(run, reference, tmp_path / "mutant.h5")
+    assert first == mutant.first, f"{mutant.bug} ({dtype}): first failure {first} ({how}), expected {mutant.first}"
+
+
+def test_step_names_are_step_major_in_forward_order():
+    order = list(names.canonical_names(2, 2, steps=2))
+    assert order == sorted(order, key=names.order_key)
+    assert order[0] == "tokens" and order[1] == "steps.0.embeddings" and order[-1] == "steps.2.logits"
+    assert names.order_key("steps.0.logits") < names.order_key("steps.1.embeddings")
+    assert names.order_key("steps.1.layers.0.attention.heads.0.cache_k") < names.order_key("steps.1.layers.0.attention.heads.0.scores")
+    assert names.split_step("steps.10.layers.3.ffn_norm") == (10, "layers.3.ffn_norm")
+    assert names.parse("steps.2.layers.3.attention.heads.1.probs") == (3, 1, "probs")
+    assert names.axes("steps.1.layers.0.attention.heads.0.scores") == ("T", "K")
+
+
+def test_step_shapes(references):
+    """Prefill: per-head q [P, hd], scores [P, P]; decode step s: q [1, hd], cache_k [P + s, hd], scores [1, P + s]."""
+    run, reference = references["float32"]
+    P, hd = len(run.tokens), run.checkpoint.config.head_dim
+    with load_trace(reference) as t:
+        assert t.shape("tokens") == (P + STEPS,)
+        assert t.shape(f"steps.0.{HEAD0}.q") == (P, hd) and t.shape(f"steps.0.{HEAD0}.scores") == (P, P)
+        for s in range(1, STEPS + 1):
+            assert t.shape(f"steps.{s}.{HEAD0}.q") == (1, hd)
+            assert t.shape(f"steps.{s}.{HEAD0}.cache_k") == (P + s, hd)
+            assert t.shape(f"steps.{s}.{HEAD0}.scores") == (1, P + s)
+            assert t.shape(f"steps.{s}.logits") == (1, run.checkpoint.config.vocab_size)
+        c = run.checkpoint.config
+        assert set(t.names) == set(names.canonical_names(c.n_layers, c.n_heads, steps=STEPS))
+        assert {n.removeprefix("_oracle.") for n in t.extra_names} == set(t.names) - {"tokens"}
+
+
+@pytest.mark.parametrize("variant", ["3.0", "3.1", "3.2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verify_generate_passes_with_per_step_results(tiny_checkpoint, variant, dtype, tmp_path):
+    result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype=dtype, generate=STEPS)
+    data = json.loads((tmp_path / "v" / "comparison.json").read_text())
+    steps = data["generation"]["per_step"]
+    assert [s["step"] for s in steps] == list(range(STEPS + 1)) and all(s["names"] > 0 for s in steps)
+    assert data["generation"]["cache_vs_no_cache"]["passed"], data["generation"]["cache_vs_no_cache"]["failed"][:3]
+    assert result.reference_generated == result.implementation_generated and len(result.reference_generated) == STEPS + 1
+    assert (tmp_path / "v" / "steps.png").is_file() and "Per step" in (tmp_path / "v" / "report.html").read_text()
+    assert result.passed, f"{variant} {dtype}: first divergence {result.comparison.first_divergence}"
+
+
+def test_cache_against_no_cache_catches_a_cache_only_bug(tiny_checkpoint, tmp_path, monkeypatch):
+    """Positions restarting at 0 in decode steps: the no-cache forward (positions 0 .. P + N - 1) disagrees."""
+    monkeypatch.setattr(scratch, "step_freqs_cis", lambda cfg, start, n, dt, dev: scratch.rope_freqs_cis(cfg, n, dt, dev))
+    result = verify(tiny_checkpoint("3.0"), out=tmp_path / "v", generate=2)
+    assert not result.passed and not result.cache_passed
+    assert [r.name for r in result.cache_check if not r.passed][0] == f"steps.1.{HEAD0}.q_rotated"
+
+
+def test_example_with_its_cache_passes_through_impl(tiny_checkpoint, tmp_path):
+    for dtype in DTYPES:
+        result = verify(tiny_checkpoint("3.1"), out=tmp_path / dtype, dtype=dtype, impl=f"{EXAMPLE}:forward", generate=STEPS)
+        assert result.passed, f"{dtype}: first divergence {result.comparison.first_divergence}"
+        assert (tmp_path / dtype / "implementation-nocache.h5").is_file()
+
+
+def test_trace_generate_cli(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "t.h5"
+    assert main(["trace", str(tiny_checkpoint("3.0")), "--generate", "2", "--out", str(out)]) == 0
+    assert "generated" in capsys.readouterr().out
+    with load_trace(out) as t:
+        assert f"steps.2.{HEAD0}.cache_v" in t and len(t.attrs["generated"]) == 3
+
+
+def _no_decode(checkpoint, tokens, *, dtype, device):
+    return torch.zeros(len(tokens), checkpoint.config.vocab_size)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--generate", "-1"], "0 or more"),
+    (["--generate", "2", "--isolated"], "--isolated with --generate"),
+    (["--generate", "2", "--impl", f"{__file__}:_no_decode"], "start_pos"),
+])  # fmt: skip
+def test_bad_generate_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, args, message):
+    out = tmp_path / "v"
+    assert main(["verify", str(tiny_checkpoint("3.0")), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
