@@ -170,7 +170,8 @@ def cache_vs_no_cache(run: Run, steps_path: str | Path, nocache_path: str | Path
                                    f"{list(expected.shape)}")  # fmt: skip
             masked = ~torch.isfinite(value) & (value == expected)  # both masked the same key (-inf): nothing to judge
             value, expected = value.masked_fill(masked, 0.0), expected.masked_fill(masked, 0.0)
-            results.append(compare_tensors(name, expected, value, dtype_a=nocache.dtype(source), dtype_b=steps.dtype(name)))
+            dtype = steps.attrs.get("dtype") or steps.dtype(name)  # the run's working dtype (as compare judges a run)
+            results.append(compare_tensors(name, expected, value, dtype_a=dtype, dtype_b=dtype))
     return results
 
 

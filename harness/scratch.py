@@ -120,13 +120,15 @@ def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]
         q_rotated = rotate(q, freqs_cis)  # [T, hd] float32
         k_rotated = rotate(k, freqs_cis)  # [T, hd] float32
         keys, values = (k_rotated, v) if cache is None else (cache_k[kv], cache_v[kv])  # [K, hd]: what this head attends
+        if cache is not None:  # recorded before use: a cache of the wrong length is named here, not in a failing matmul
+            record(f"layers.{layer}.attention.heads.{head}.cache_k", keys)
+            record(f"layers.{layer}.attention.heads.{head}.cache_v", values)
         scores = (q_rotated @ keys.T) / score_scale(config)  # [T, K] float32
         probs = softmax(scores + mask).to(x_norm.dtype)  # [T, K]
         output = probs @ values  # [T, hd]
         if is_tracing():  # the names cost more than the no-op record calls: build them only when tracing
-            cached = (("cache_k", keys), ("cache_v", values)) if cache is not None else ()
             for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
-                                *cached, ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+                                ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
                 record(f"layers.{layer}.attention.heads.{head}.{name}", value)
         head_outputs.append(output)
     stacked = torch.cat(head_outputs, dim=-1)  # [T, H * hd]
