@@ -1,6 +1,9 @@
 """Benchmarks: wall time and peak RSS of verify at three sizes, the cost of the tap points, building the reference.
 
-    python benchmarks/run.py [--work DIR] [--full] [--json OUT]
+    python benchmarks/run.py [--work DIR] [--full] [--json OUT] [--only verify|forward|generate]
+
+`generate`: `verify --generate 32` on the 8b-wide shape in bfloat16 (a prefill and 32 decode steps on both sides, the
+float64 oracle per step, the implementation's no-cache forward over the 32 + P tokens).
 
 Each measurement runs in a fresh subprocess (peak RSS from wait4); short ones are repeated and the median kept.
 `--full` adds the 32-layer 8B-shape verify (a 16 GB checkpoint on disk). Not a test: the machine is shared and noisy.
@@ -111,7 +114,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also the 32-layer 8B shape (16 GB on disk)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", help="write the results here too")
-    parser.add_argument("--only", choices=["verify", "forward"], help="run one part only")
+    parser.add_argument("--only", choices=["verify", "forward", "generate"], help="run one part only")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -124,10 +127,12 @@ def main() -> None:
 
     tiny = ensure(work / "tiny")
     wide = ensure(work / "8b-wide", "--shape", "8b-wide")
-    if args.only != "forward":
+    if args.only in (None, "verify"):
         measure_verify(args, work, tiny, wide, add)
-    if args.only != "verify":
+    if args.only not in ("verify", "generate"):
         measure_forward(args, tiny, wide, add)
+    if args.only in (None, "generate"):
+        measure_generate(work, wide, add)
     header = f"{datetime.date.today()}, {machine()}, torch {__import__('torch').__version__}"
     print(header)
     if args.json:
@@ -152,6 +157,13 @@ def measure_verify(args, work: Path, tiny: Path, wide: Path, add) -> None:
         size = (full / "consolidated.00.pth").stat().st_size / 2**30
         wall, rss, _ = run(harness("verify", str(full), "--dtype", "bfloat16", "--out", str(work / "v-8b")))
         add("verify 8b, 32 layers (bfloat16)", wall, rss, f"checkpoint {size:.2f} GiB")
+
+
+def measure_generate(work: Path, wide: Path, add, steps: int = 32) -> None:
+    size = (wide / "consolidated.00.pth").stat().st_size / 2**30
+    wall, rss, out = run(harness("verify", str(wide), "--dtype", "bfloat16", "--generate", str(steps), "--out", str(work / "v-gen")))
+    verdict = next((line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))), "")[:60]
+    add(f"verify 8b-wide --generate {steps} (bfloat16)", wall, rss, f"checkpoint {size:.2f} GiB; {verdict}")
 
 
 def measure_forward(args, tiny: Path, wide: Path, add) -> None:

@@ -89,6 +89,8 @@ def test_cache_agrees_with_no_cache(verified, case):
 def _check_logits(verified, case, name: str) -> None:
     check(verified, case, name)
     metrics = verified(case).result(name)["logits"]
+    if metrics is None and name != "logits":
+        return  # a step's logits: compare computes top-1/KL for `logits` only (the same greedy tokens: test_next_token)
     assert metrics is not None, "no logits metrics in comparison.json"
     disagree = [i for i, same in enumerate(metrics["top1"]) if not same]
     assert not disagree or case.dtype != "float32", f"top-1 differs at positions {disagree} in float32"
