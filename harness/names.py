@@ -141,11 +141,13 @@ def order_key(name: str) -> tuple:
 
 
 def axes(name: str) -> tuple[str, ...] | None:
-    """Axis names of a canonical name (None for names we do not know)."""
-    _, head, part = parse(name)
-    if head is not None and part == "output":
-        return _AXES["head_output"]
-    return _AXES.get(part)
+    """Axis names of a canonical name (None for names we do not know). K (key positions) is T outside generation."""
+    step, base = split_step(name)
+    _, head, part = parse(base)
+    found = _AXES["head_output"] if head is not None and part == "output" else _AXES.get(part)
+    if found is not None and step is None:
+        return tuple("T" if a == "K" else a for a in found)
+    return found
 
 
 def to_path(name: str) -> str:

@@ -26,7 +26,7 @@ from test_bad_input import assert_refused, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "my_llama.py"
-SCORES = "scores = q_rotated @ k_rotated.T / hd**0.5"
+SCORES = "scores = q_rotated @ keys.T / hd**0.5"
 
 
 def mutated_example(folder: Path, old: str, new: str) -> Path:
