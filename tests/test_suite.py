@@ -92,3 +92,15 @@ def test_repo_suite_takes_a_checkpoint_outside_the_repo_with_a_space(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 passed" in result.stdout, result.stdout[-3000:]
     assert f"rootdir: {ROOT}" in result.stdout, result.stdout[:2000]
+
+
+def test_plugin_generate_parametrizes_by_step(pytester, tmp_path):
+    """--llama3-generate N: the head and layer tests of every step (step0 the prefill), the example with its KV cache."""
+    ckpt = _unseen_checkpoint(tmp_path)
+    shutil.copy(EXAMPLE, pytester.path / "my_llama.py")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "0", "-v", "--llama3-impl", "my_llama.py:forward",
+                                           "--llama3-checkpoint", str(ckpt), "--llama3-dtype", "float32",
+                                           "--llama3-generate", "2", "-k", "step2-layer1-head3 or step0-layer0-output or next_token")  # fmt: skip
+    out = result.stdout.str()
+    result.assert_outcomes(passed=10 + 1 + 1)  # 10 head names (cache_k/cache_v included), one layer name, next token
+    assert "test_head[step2-layer1-head3-cache_k] PASSED" in out and "test_layer[step0-layer0-output] PASSED" in out, out
