@@ -90,16 +90,20 @@ def _check_logits(verified, case, name: str) -> None:
 
 
 def test_next_token(verified, case):
-    """The notebook's "42" moment: both implementations predict the same next token (in a generation, the same greedy
-    token at every step, each side fed the reference's tokens, and the cache path agrees with the no-cache one)."""
+    """The notebook's "42" moment: both implementations predict the same next token. In a generation (each side fed
+    the reference's tokens): the same greedy token at every step unless a near tie explains it, and the cache path
+    agrees with the implementation's own no-cache forward."""
     s = verified(case).summary
-    assert s.get("reference_generated") == s.get("impl_generated"), (
-        f"generated: reference {s['reference_text']!r} {s['reference_generated']}, {s['impl']} {s['impl_text']!r} {s['impl_generated']}")
-    if case.generate:  # and every step agrees with the implementation's own no-cache forward over the same tokens
-        check_cache = verified(case).comparison["generation"]["cache_vs_no_cache"]
-        assert check_cache["passed"], (f"{case.impl} with its KV cache disagrees with its own no-cache forward, first "
-                                       f"at {check_cache['failed'][0]} ({len(check_cache['failed'])} names)")  # fmt: skip
-    assert s["reference_token"] == s["impl_token"], (
-        f"next token: reference {s['reference_text']!r} (id {s['reference_token']}), "
-        f"{s['impl']} {s['impl_text']!r} (id {s['impl_token']})"
-    )
+    if not case.generate:
+        assert s["reference_token"] == s["impl_token"], (
+            f"next token: reference {s['reference_text']!r} (id {s['reference_token']}), "
+            f"{s['impl']} {s['impl_text']!r} (id {s['impl_token']})"
+        )
+        return
+    generation = verified(case).comparison["generation"]
+    assert not generation["unexplained_disagreements"], (  # a near tie may go the other way in bfloat16
+        f"generated: reference {s['reference_text']!r}, {s['impl']} {s['impl_text']!r}: "
+        + "; ".join(generation["unexplained_disagreements"]))
+    cache = generation["cache_vs_no_cache"]
+    assert cache["passed"], (f"{case.impl} with its KV cache disagrees with its own no-cache forward, first at "
+                             f"{cache['failed'][0]} ({len(cache['failed'])} names)")  # fmt: skip

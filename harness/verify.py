@@ -114,11 +114,12 @@ def verify(checkpoint: str | Path, *, out: str | Path = "verify-out", dtype: str
 
 def _generation_result(run, implementation: str, comparison, out: Path, impl_path: Path, nocache_path: Path) -> VerifyResult:
     """--generate: per-step results, the cache check and each side's generated text into comparison.json and the report."""
-    from .generation import cache_vs_no_cache, generated_tokens, step_summary
+    from .generation import cache_vs_no_cache, generated_tokens, step_summary, unexplained_disagreements
 
     with load_trace(out / "reference.h5") as ref, load_trace(impl_path) as impl:
         ref_gen, impl_gen = generated_tokens(ref), generated_tokens(impl)
     cache_check = cache_vs_no_cache(run, impl_path, nocache_path)
+    unexplained = unexplained_disagreements(out / "reference.h5", impl_path)  # greedy tokens apart beyond near ties
     steps = step_summary(comparison.results, run.generate)
     cache_steps = step_summary(cache_check, run.generate)
     text = run.text
@@ -127,6 +128,7 @@ def _generation_result(run, implementation: str, comparison, out: Path, impl_pat
         "steps": run.generate, "prompt_tokens": len(run.tokens), "teacher_forced": comparison.tokens,
         "reference_generated": ref_gen, "implementation_generated": impl_gen,
         "reference_text": "".join(map(text, ref_gen)), "implementation_text": "".join(map(text, impl_gen)),
+        "unexplained_disagreements": unexplained,
         "per_step": steps, "cache_vs_no_cache": {"passed": all(r.passed for r in cache_check), "per_step": cache_steps,
                                                  "failed": [r.name for r in cache_check if not r.passed]},
     }  # fmt: skip

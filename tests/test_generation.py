@@ -208,7 +208,9 @@ def test_verify_generate_passes_with_per_step_results(tiny_checkpoint, variant, 
     steps = data["generation"]["per_step"]
     assert [s["step"] for s in steps] == [0, 1, 2] and all(s["names"] > 0 for s in steps)
     assert data["generation"]["cache_vs_no_cache"]["passed"], data["generation"]["cache_vs_no_cache"]["failed"][:3]
-    assert result.reference_generated == result.implementation_generated and len(result.reference_generated) == 3
+    assert len(result.reference_generated) == 3 and not data["generation"]["unexplained_disagreements"]
+    if dtype == "float32":
+        assert result.reference_generated == result.implementation_generated
     assert (tmp_path / "v" / "steps.png").is_file() and "Per step" in (tmp_path / "v" / "report.html").read_text()
     passes_or_known_false_alarm(result.comparison, f"{variant} {dtype}")
 
@@ -225,7 +227,7 @@ def test_example_with_its_cache_passes_through_impl(tiny_checkpoint, tmp_path):
     for dtype in DTYPES:
         result = verify(tiny_checkpoint("3.1"), out=tmp_path / dtype, dtype=dtype, impl=f"{EXAMPLE}:forward", generate=STEPS)
         assert result.cache_passed and (tmp_path / dtype / "implementation-nocache.h5").is_file()
-        assert result.reference_generated == result.implementation_generated
+        assert not json.loads((tmp_path / dtype / "comparison.json").read_text())["generation"]["unexplained_disagreements"]
     for dtype in DTYPES:  # xfail (the known false alarm) only after both dtypes ran
         passes_or_known_false_alarm(compare_traces(tmp_path / dtype / "reference.h5", tmp_path / dtype / "implementation.h5"),
                                     f"examples/my_llama.py {dtype}")
