@@ -22,6 +22,7 @@ from .runner import Run, expected_shape, step_span, trace_metadata
 from .tracing import RESERVED_PREFIX, Trace, record, record_calls, recorded, tracing
 
 _tracing = importlib.import_module(".tracing", __package__)  # the module (the package's `tracing` is its function)
+GENERATED = RESERVED_PREFIX + "generated"  # each step's greedy token: a harness extra, never compared
 
 
 class _StepRecorder:
@@ -57,17 +58,12 @@ def in_step(step: int) -> Iterator[None]:
         _tracing._active = inner
 
 
-def step_tokens(run: Run, fed: list[int]) -> list[list[int]]:
-    """The tokens of each step: the prompt, then one decoded token per step."""
-    return [run.tokens] + [[t] for t in fed]
-
-
 def trace_generation(run: Run, impl: Implementation, out: str | Path, *, reference: Trace | None = None) -> torch.Tensor:
     """Trace `run.generate` decode steps after the prefill into `out`; returns the logits of every position [P + N, V].
 
     Decode step s feeds token s - 1 of `reference`'s generated ones (teacher forcing), or, without a reference, the
-    implementation's own greedy choice. `tokens` holds every token fed, prompt and decoded [P + N]; `generated` (an
-    attribute) each step's greedy token of this implementation, N + 1 of them.
+    implementation's own greedy choice. `tokens` holds every token fed, prompt and decoded [P + N]; `_generated` (an
+    extra, not compared) each step's greedy token of this implementation, N + 1 of them.
     """
     forward = decoder(impl)
     n_prompt = len(run.tokens)
@@ -103,7 +99,7 @@ def trace_generation(run: Run, impl: Implementation, out: str | Path, *, referen
             if step < run.generate:
                 tokens.append(fed[step] if fed is not None else generated[-1])
         record("tokens", torch.tensor(tokens, dtype=torch.long))
-        _tracing._active.file.attrs["generated"] = str(generated)
+        record(GENERATED, torch.tensor(generated, dtype=torch.long))
     return torch.cat(all_logits)  # [P + N, V]
 
 
@@ -126,7 +122,7 @@ def _call_step(impl: Implementation, forward, run: Run, tokens: torch.Tensor, st
 
 def generated_tokens(trace: Trace) -> list[int]:
     """Each step's greedy token of the implementation traced (N + 1 of them; empty for a trace without generation)."""
-    return [int(t) for t in trace.attrs.get("generated", [])]
+    return [int(t) for t in trace[GENERATED].tolist()] if GENERATED in trace else []
 
 
 # ---- cache against no cache ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from harness.checkpoint import open_checkpoint
 from harness.cli import main
 from harness.compare import compare_traces
 from harness.errors import HarnessError
+from harness.generation import generated_tokens
 from harness.implementation import builtin, resolve
 from harness.runner import make_run, trace
 from harness.tracing import load_trace
@@ -197,7 +198,7 @@ def test_step_shapes(references):
             assert t.shape(f"steps.{s}.logits") == (1, run.checkpoint.config.vocab_size)
         c = run.checkpoint.config
         assert set(t.names) == set(names.canonical_names(c.n_layers, c.n_heads, steps=STEPS))
-        assert {n.removeprefix("_oracle.") for n in t.extra_names} == set(t.names) - {"tokens"}
+        assert {n.removeprefix("_oracle.") for n in t.extra_names} == set(t.names) - {"tokens"} | {"_generated"}
 
 
 @pytest.mark.parametrize("variant", ["3.0", "3.1", "3.2"])
@@ -238,7 +239,7 @@ def test_trace_generate_cli(tiny_checkpoint, tmp_path, capsys):
     assert main(["trace", str(tiny_checkpoint("3.0")), "--generate", "2", "--out", str(out)]) == 0
     assert "generated" in capsys.readouterr().out
     with load_trace(out) as t:
-        assert f"steps.2.{HEAD0}.cache_v" in t and len(t.attrs["generated"]) == 3
+        assert f"steps.2.{HEAD0}.cache_v" in t and len(generated_tokens(t)) == 3
 
 
 def _no_decode(checkpoint, tokens, *, dtype, device):
