@@ -68,8 +68,8 @@ def test_plugin_turns_red_at_the_layer_and_head_of_a_bug(pytester, tmp_path):
     """The user's file with a bug in head 2 of the last layer's scores: red there (and after it in that head), named
     with the file, the first divergence and the compare command; isolated, so nothing before it drifts."""
     ckpt = _unseen_checkpoint(tmp_path)
-    source = EXAMPLE.read_text().replace("scores = q_rotated @ k_rotated.T / hd**0.5",
-                                         "scores = q_rotated @ k_rotated.T / hd**0.5 * (1.5 if (layer, head) == (1, 2) else 1)")  # fmt: skip
+    source = EXAMPLE.read_text().replace("scores = q_rotated @ keys.T / hd**0.5",
+                                         "scores = q_rotated @ keys.T / hd**0.5 * (1.5 if (layer, head) == (1, 2) else 1)")  # fmt: skip
     assert source != EXAMPLE.read_text()
     (pytester.path / "my_llama.py").write_text(source)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "0", "--llama3-impl", "my_llama.py:forward",
