@@ -23,6 +23,7 @@ OPTIONS = {  # option: (environment variable, help)
     "impl": ("LLAMA3_IMPL", "implementation to verify: scratch (default), MODULE:ATTR or path/to/file.py:ATTR"),
     "dtype": ("LLAMA3_DTYPE", "working dtype(s), comma-separated (default: float32,bfloat16 on tiny; bfloat16 with a checkpoint)"),
     "prompt": ("LLAMA3_PROMPT", "prompt after <|begin_of_text|> (default: the notebook's)"),
+    "prompt_file": ("LLAMA3_PROMPT_FILE", "the prompt is this UTF-8 file's text, as it is (long prompts)"),
     "isolated": ("LLAMA3_ISOLATED", "feed each layer of the implementation the reference's input to it"),
     "trace_dir": ("LLAMA3_TRACE_DIR", "keep traces, comparison.json and report.html here for `compare` and plots"),
 }
@@ -109,6 +110,7 @@ def suite_cases(config) -> list[Case]:
     for d in dtypes:
         parse_dtype(d)
     resolve(impl)  # a bad --llama3-impl is a usage error now, not a thousand red tests
+    suite_prompt(config)  # and so is a missing prompt file
     if checkpoint:
         from harness.checkpoint import open_checkpoint
 
@@ -118,6 +120,14 @@ def suite_cases(config) -> list[Case]:
 
     return [Case(f"tiny{v}-{d}", d, VARIANTS[v]["n_layers"], VARIANTS[v]["n_heads"], tiny=(v, 0), impl=impl)
             for v in VARIANTS for d in dtypes]  # fmt: skip
+
+
+def suite_prompt(config) -> str:
+    from harness.runner import DEFAULT_PROMPT, read_prompt_file
+
+    if option(config, "prompt") is not None and option(config, "prompt_file") is not None:
+        raise pytest.UsageError("--llama3-prompt and --llama3-prompt-file are exclusive: give one")
+    return read_prompt_file(option(config, "prompt_file")) if option(config, "prompt_file") else option(config, "prompt") or DEFAULT_PROMPT
 
 
 def _suite_requested(config) -> bool:
@@ -231,12 +241,11 @@ def verified(request, shared_dir):
             summary_path = out / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
             if summary.get("session") != session:
-                from harness.runner import DEFAULT_PROMPT
                 from harness.tracing import atomic_path
                 from harness.verify import verify
 
                 checkpoint = case.checkpoint or tiny_dir(shared_dir / "tiny", *case.tiny)
-                result = verify(checkpoint, out=out, dtype=case.dtype, prompt=option(config, "prompt") or DEFAULT_PROMPT,
+                result = verify(checkpoint, out=out, dtype=case.dtype, prompt=suite_prompt(config),
                                 isolated=bool(option(config, "isolated")), impl=case.impl)  # fmt: skip
                 summary = dict(session=session, impl=case.impl, trace=str(result.trace_path),
                                reference_token=result.reference_token, impl_token=result.implementation_token,

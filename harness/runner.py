@@ -46,6 +46,19 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def read_prompt_file(path: str | Path) -> str:
+    """`--prompt-file`: the file's text exactly as it is (UTF-8; a final newline is part of the prompt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: prompt file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HarnessError(f"{path}: prompt file is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot read prompt file ({e.strerror})") from None
+
+
 def _tokenizer(ckpt: Checkpoint):
     if ckpt.tokenizer_path is None:
         raise HarnessError(f"{ckpt.path}: no tokenizer.model (or tokenizer.json) in the checkpoint directory")
@@ -61,7 +74,7 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
     if len(tokens) > ckpt.config.max_seq_len:
         source = "params.json max_seq_len" if ckpt.format == "meta" else "config.json max_position_embeddings"
         raise HarnessError(f"{ckpt.path}: prompt is {len(tokens)} tokens, longer than the model's context of "
-                           f"{ckpt.config.max_seq_len} ({source}); use a shorter --prompt")  # fmt: skip
+                           f"{ckpt.config.max_seq_len} ({source}); use a shorter prompt")  # fmt: skip
     return tokens
 
 
