@@ -69,6 +69,19 @@ def _to_attr(value: Any) -> Any:
     return json.dumps(value)
 
 
+# Datasets of at least this many bytes are stored chunked and compressed (gzip level 1 after the byte shuffle: bfloat16
+# values stored as float32 have 16 zero bits, and probs are zero above the diagonal). Smaller ones stay contiguous:
+# a chunk index costs more than it saves on a few KiB. Measured on tiny 3.0, 183 tokens, bfloat16 verify: the
+# reference trace 39 -> 27 MB, the scratch trace 14 -> 7.0 MB; verify took 51 s vs 49 s (a loaded machine: noise).
+COMPRESS_MIN_BYTES = 1 << 16
+
+
+def _storage(data: np.ndarray) -> dict[str, Any]:
+    if data.nbytes < COMPRESS_MIN_BYTES:
+        return {}
+    return dict(chunks=True, compression="gzip", compression_opts=1, shuffle=True)
+
+
 class _Recorder:
     def __init__(self, file: h5py.File, patterns: Sequence[str] | None, check_shape: ShapeCheck | None = None):
         self.file = file
@@ -99,7 +112,8 @@ class _Recorder:
             t = t.float()  # HDF5 has no bfloat16; every bfloat16 value is exact in float32
         elif t.is_complex():
             raise HarnessError(f"trace: {name!r} is complex; record real tensors")
-        ds = self.file.create_dataset(path, data=t.cpu().numpy())
+        data = t.cpu().numpy()
+        ds = self.file.create_dataset(path, data=data, **_storage(data))
         ds.attrs["name"] = name
         ds.attrs["dtype"] = computed
         ds.attrs["order"] = self.count

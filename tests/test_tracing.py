@@ -74,3 +74,20 @@ def test_missing_output_folder(tmp_path):
     with pytest.raises(HarnessError, match="does not exist"):
         with harness.tracing(tmp_path / "nope" / "t.h5"):
             pass
+
+
+def test_large_tensors_are_stored_compressed_and_exact(tmp_path):
+    """Datasets from COMPRESS_MIN_BYTES on are chunked and gzip-compressed; values come back bit for bit."""
+    from harness.tracing import COMPRESS_MIN_BYTES
+
+    big = torch.randn(256, 256).to(torch.bfloat16)  # 256 KiB as float32
+    small = torch.randn(16, 16)
+    with harness.tracing(tmp_path / "t.h5"):
+        harness.record("layers.0.attention.heads.0.probs", big)
+        harness.record("layers.0.attention.heads.0.q", small)
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert f["/layers/0/attention/heads/0/probs"].compression == "gzip" and big.float().numpy().nbytes >= COMPRESS_MIN_BYTES
+        assert f["/layers/0/attention/heads/0/q"].compression is None
+    trace = harness.load_trace(tmp_path / "t.h5")
+    assert torch.equal(trace["layers.0.attention.heads.0.probs"], big.float())
+    assert torch.equal(trace["layers.0.attention.heads.0.q"], small)
