@@ -390,11 +390,11 @@ def test_load_trace_of_a_truncated_or_non_hdf5_file(good_trace, tmp_path, conten
         harness.load_trace(bad)
 
 
-@pytest.mark.parametrize("version, shown", [(2, "2"), ("one", "'one'")])
+@pytest.mark.parametrize("version, shown", [(3, "3"), ("one", "'one'")])
 def test_load_trace_of_another_format_version(good_trace, version, shown):
     with h5py.File(good_trace, "a") as f:
         f.attrs["format_version"] = version
-    with pytest.raises(HarnessError, match=f"{good_trace}: trace format version {shown}, this harness reads version 1"):
+    with pytest.raises(HarnessError, match=f"{good_trace}: trace format version {shown}, this harness reads versions 1 and 2"):
         harness.load_trace(good_trace)
 
 

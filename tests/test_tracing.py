@@ -22,7 +22,7 @@ def test_layout_dtype_and_metadata(tmp_path):
     with h5py.File(path) as f:
         ds = f["/layers/0/attention/heads/3/q_rotated"]
         assert ds.dtype == "float32" and ds.attrs["dtype"] == "bfloat16" and ds.attrs["axes"] == "T,head_dim"
-        assert f.attrs["format_version"] == 1 and f.attrs["implementation"] == "mine"
+        assert f.attrs["format_version"] == 2 and f.attrs["implementation"] == "mine"
         assert "torch" in f.attrs["library_versions"]
     trace = harness.load_trace(path)
     assert trace.names == ["tokens", "layers.0.attention.heads.3.q_rotated"]
@@ -91,3 +91,29 @@ def test_large_tensors_are_stored_compressed_and_exact(tmp_path):
     trace = harness.load_trace(tmp_path / "t.h5")
     assert torch.equal(trace["layers.0.attention.heads.0.probs"], big.float())
     assert torch.equal(trace["layers.0.attention.heads.0.q"], small)
+
+
+def test_long_square_tensors_keep_sampled_rows(tmp_path):
+    """Past FULL_SQUARE_MAX_T tokens a head's scores/probs keep SAMPLED_ROWS rows (first and last included), with
+    their positions; [T, head_dim] tensors stay whole; a version 1 trace still reads."""
+    import h5py
+
+    from harness.tracing import FULL_SQUARE_MAX_T, SAMPLED_ROWS
+
+    n = FULL_SQUARE_MAX_T + 1
+    probs = torch.rand(n, n)
+    q = torch.randn(n, 16)
+    with harness.tracing(tmp_path / "t.h5"):
+        harness.record("layers.0.attention.heads.0.probs", probs)
+        harness.record("layers.0.attention.heads.0.q", q)
+        harness.record("layers.0.attention.heads.1.probs", probs[:FULL_SQUARE_MAX_T, :FULL_SQUARE_MAX_T])
+    trace = harness.load_trace(tmp_path / "t.h5")
+    rows = trace.rows("layers.0.attention.heads.0.probs")
+    assert len(rows) == SAMPLED_ROWS and rows[0] == 0 and rows[-1] == n - 1 and rows == sorted(set(rows))
+    assert torch.equal(trace["layers.0.attention.heads.0.probs"], probs[rows])
+    assert trace.rows("layers.0.attention.heads.0.q") is None and torch.equal(trace["layers.0.attention.heads.0.q"], q)
+    assert trace.rows("layers.0.attention.heads.1.probs") is None
+    trace.close()
+    with h5py.File(tmp_path / "t.h5", "a") as f:
+        f.attrs["format_version"] = 1
+    assert harness.load_trace(tmp_path / "t.h5").shape("layers.0.attention.heads.0.q") == (n, 16)
