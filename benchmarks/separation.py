@@ -139,9 +139,8 @@ def correct_runs(work: Path, variants, seeds, dtypes, lengths, impls, rows: dict
                             mp.undo()
                         c = compare_traces(ref, path)
                         top = max(c.results, key=lambda r: r.ratio)
-                        key = (dtype, n)
+                        key = (dtype, len(c.tokens))
                         rows[key]["correct"] = max(rows[key].get("correct", 0.0), top.ratio)
-                        rows[key]["T"] = len(c.tokens)
                         if top.ratio > worst.get(key, (0.0,))[0]:
                             worst[key] = (top.ratio, f"{variant} seed {seed} {label}: {top.name}")
                         if not c.passed:
@@ -168,11 +167,10 @@ def mutant_runs(work: Path, dtypes, lengths, rows: dict, weakest: dict, misses: 
                 c = compare_traces(ref, path)
                 own = c.result(m.first)
                 ratio = own.ratio if own is not None else float("nan")
-                key = (dtype, n)
+                key = (dtype, len(c.tokens))
                 if c.first_divergence != m.first:
                     misses.append(f"{m.id} {dtype} T={len(c.tokens)}: first {c.first_divergence}, own name at {ratio:.3g}x")
                     continue
-                rows[key]["T"] = len(c.tokens)
                 if ratio < rows[key].get("mutant", float("inf")):
                     rows[key]["mutant"] = ratio
                     weakest[key] = m.id
@@ -205,9 +203,8 @@ def main() -> None:
     print(f"| dtype | prompt (T) | worst correct run | ratio | weakest mutant | ratio |\n|---|---|---|---|---|---|")
     for (dtype, n), row in sorted(rows.items(), key=lambda kv: (dtypes.index(kv[0][0]), kv[0][1])):
         c, mu = row.get("correct"), row.get("mutant")
-        print(f"| {dtype} | {row['T']} | {worst.get((dtype, n), ('', '-'))[1]} | {c:.3g} | "
-              f"{weakest.get((dtype, n), '-')} | {'-' if mu is None else f'{mu:.3g}'} |" if c is not None else
-              f"| {dtype} | {row['T']} | - | - | {weakest.get((dtype, n), '-')} | {mu:.3g} |")  # fmt: skip
+        print(f"| {dtype} | {n} | {worst.get((dtype, n), ('', '-'))[1]} | {'-' if c is None else f'{c:.3g}'} | "
+              f"{weakest.get((dtype, n), '-')} | {'-' if mu is None else f'{mu:.3g}'} |")  # fmt: skip
     if misses:
         print("\nmutants not first at their own name:\n  " + "\n  ".join(misses))
     if args.json:
