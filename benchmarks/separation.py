@@ -181,6 +181,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Fewer variants, seeds, lengths and implementations")
     p.add_argument("--work", type=Path, help="Scratch folder (default: a temporary one)")
     p.add_argument("--json", type=Path, help="Write the table as JSON")
+    p.add_argument("--variants", help="Comma-separated tiny variants (overrides the sweep's)")
+    p.add_argument("--seeds", help="Comma-separated seeds")
+    p.add_argument("--dtypes", help="Comma-separated dtypes")
+    p.add_argument("--lengths", help="Comma-separated prompt lengths of the correct runs")
+    p.add_argument("--mutant-lengths", help="Comma-separated prompt lengths of the mutants ('' for none)")
+    p.add_argument("--impls", help=f"Comma-separated implementations ({', '.join(i[0] for i in IMPLEMENTATIONS)})")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.quick:
@@ -189,6 +195,13 @@ def main() -> None:
     else:
         variants, seeds, dtypes = ("3.0", "3.1", "3.2"), (0, 1, 2, 3, 4), ("float32", "bfloat16", "float16")
         lengths, mutant_lengths, impls = (1, 2, 3, 4, 8, 17, 64, 256, 1024), (1, 2, 3, 17, 256), IMPLEMENTATIONS
+    split = lambda text, cast=str: tuple(cast(x) for x in text.split(",") if x)  # noqa: E731
+    variants = split(args.variants) if args.variants else variants
+    seeds = split(args.seeds, int) if args.seeds else seeds
+    dtypes = split(args.dtypes) if args.dtypes else dtypes
+    lengths = split(args.lengths, int) if args.lengths is not None else lengths
+    mutant_lengths = split(args.mutant_lengths, int) if args.mutant_lengths is not None else mutant_lengths
+    impls = [i for i in IMPLEMENTATIONS if i[0] in split(args.impls)] if args.impls else impls
     rows: dict = defaultdict(dict)
     worst: dict = {}
     weakest: dict = {}
@@ -196,7 +209,7 @@ def main() -> None:
     start = time.time()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
-        correct_runs(work, variants, seeds if not args.quick else seeds, dtypes, lengths, impls, rows, worst)
+        correct_runs(work, variants, seeds, dtypes, lengths, impls, rows, worst)
         mutant_runs(work, dtypes, mutant_lengths, rows, weakest, misses)
     print(f"\n{datetime.date.today()} {platform.node()} torch {torch.__version__}, {time.time() - start:.0f} s"
           f"{' (--quick)' if args.quick else ''}")  # fmt: skip

@@ -26,11 +26,23 @@ ORACLE_PREFIX = "_oracle."
 # ---------------------------------------------------------------------------------------------------------------------
 # The tolerance table: every constant of the rule, each with the measurement that chose it.
 #
-# Error of a name: relative L2 error against the truth, ||x - truth|| / ||truth||, over the whole tensor.
-# Oracle mode: truth = the reference run in float64 (A's "_oracle.NAME");
-#   floor = error of the reference in the target dtype (A's NAME); error = error of B's NAME;
-#   bound = FLOOR_FACTOR * (floor + ABS_TERM_ULPS * u), u = unit roundoff of the less precise of the two dtypes;
-#   B passes NAME when error <= bound. `floor_ratio` = error / (floor + ABS_TERM_ULPS * u) is what the heat maps show.
+# Error of a name: relative L2 error against the truth, ||x - truth|| / ||truth||, over the whole tensor; `scores`
+# over their causal part only (row i, keys 0..i: real implementations record them after the mask).
+# Oracle mode: truth = the reference run in float64 (A's "_oracle.NAME"); per element, over the name's n values:
+#   own floor  f = RMS(A - oracle), the reference's own rounding (the old rule's floor, as an RMS);
+#   group floor g = RMS(A - oracle) over the same name of every head of the layer, for a per-head name; for `probs`
+#               and a head's `output` at least what the head's scores (and v) floors imply through softmax and
+#               probs @ v on the oracle's values (`propagated_floor`); a non-head name is its own group;
+#   floor      F_eff = max(f, sqrt((n_f f^2 + POOL_WEIGHT g^2) / (n_f + POOL_WEIGHT))): a tensor of 1 to a few values
+#               (1-3 token prompts) is held to its layer's heads together, a large one to its own floor;
+#   B passes NAME when RMS(B - oracle) <= FLOOR_FACTOR * tail(n_f) * (F_eff + ABS_TERM_ULPS * u * RMS(oracle)),
+#   with u the unit roundoff of the less precise dtype, n_f the values the reference rounded, and
+#   tail(n) = 1 + TAIL_Z / sqrt(2 n) the small-sample allowance. `bound` reports that as a relative L2 error;
+#   `floor_ratio` = ratio * FLOOR_FACTOR (B's error over the tail-scaled floor) is what the heat maps show.
+# Why: with 1-3 tokens many per-head tensors hold 1 to 6 values, so their own floor is one draw of the reference's
+# rounding (measured: 10 of 16 runs on prompts of 1-3 tokens failed on correct code, up to 4.83x the bound at a
+# 1-value `scores` whose own floor was 10x below its layer's heads'); and an implementation's own error on a few
+# values is one draw too, so it needs room the chi distribution's tail gives.
 # Direct mode (no oracle): truth = A; B passes when ||B - A|| <= rtol * ||A|| + atol * sqrt(numel).
 # Every name reports ratio = error / bound: a name passes when ratio <= 1.
 # ---------------------------------------------------------------------------------------------------------------------
