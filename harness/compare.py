@@ -145,7 +145,7 @@ class Comparison:
             "swapped": self.swapped,
             "only_in_a": self.only_in_a,
             "only_in_b": self.only_in_b,
-            "constants": {"floor_factor": FLOOR_FACTOR, "abs_term_ulps": ABS_TERM_ULPS, "pool_weight": POOL_WEIGHT},
+            "constants": {"floor_factor": FLOOR_FACTOR, "abs_term_ulps": ABS_TERM_ULPS, "pool_weight": POOL_WEIGHT, "tail_z": TAIL_Z},
             "results": [_finite_json(asdict(r)) for r in self.results],
         }
 
