@@ -232,9 +232,10 @@ def _less_precise(*dtypes: str) -> str:
     return max(known, key=UNIT_ROUNDOFF.__getitem__) if known else "float32"
 
 
-def oracle_bound(floor: float, dtype: str) -> float:
-    """The calibrated bound on an implementation's rel_l2 against the oracle."""
-    return FLOOR_FACTOR * (floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype])
+def oracle_bound(floor: float, dtype: str, n: int) -> float:
+    """The bound on rel_l2 of a name judged alone (its own group) whose reference rounded `n` values, with `floor`
+    its reference's rel_l2: what `compare_tensors` computes without pooling."""
+    return FLOOR_FACTOR * small_sample_factor(n) * (floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype])
 
 
 def direct_bound(truth: torch.Tensor, dtype: str, rtol: float | None, atol: float | None) -> float:
