@@ -91,7 +91,7 @@ IMPLEMENTATIONS: list[tuple[str, list[tuple[str, Callable]], bool]] = [
 ]
 
 
-def _patched(patches, dtype: torch.dtype, config=None):
+def _patched(patches, dtype: torch.dtype | None):
     import pytest
 
     mp = pytest.MonkeyPatch()
