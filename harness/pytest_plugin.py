@@ -65,8 +65,7 @@ def pytest_load_initial_conftests(early_config, parser, args):
     are known: `--llama3-checkpoint DIR` makes DIR look like a test path. Pick it again without our options' values."""
     ns = early_config.known_args_namespace
     ours = [getattr(ns, f"llama3_{name}", None) for name in OPTIONS]
-    given = {Path(v).resolve() for v in ours if isinstance(v, str) and Path(v).exists()}
-    if not given or early_config.rootpath.resolve() not in given or ns.rootdir or ns.inifilename:
+    if not any(isinstance(v, str) and Path(v).exists() for v in ours) or ns.rootdir or ns.inifilename:
         return
     from _pytest.config.findpaths import determine_setup
 
@@ -74,6 +73,8 @@ def pytest_load_initial_conftests(early_config, parser, args):
                   invocation_dir=early_config.invocation_params.dir)  # fmt: skip
     accepted = inspect.signature(determine_setup).parameters
     rootpath, inipath, inicfg, *_ = determine_setup(**{k: v for k, v in kwargs.items() if k in accepted})
+    if rootpath == early_config.rootpath and inipath == early_config.inipath:
+        return  # the values misled nothing (given with `=`, or beside the project anyway)
     early_config._rootpath, early_config._inipath, early_config._inicfg = rootpath, inipath, inicfg
     early_config._inicache.clear()
     parser.extra_info.update(rootdir=str(rootpath), inifile=str(inipath))

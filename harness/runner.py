@@ -7,7 +7,6 @@ The Hugging Face reference, the scratch forward and a user's code are three impl
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +129,7 @@ def make_run(checkpoint: Checkpoint | str | Path, *, prompt: str = DEFAULT_PROMP
 
 def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any]:
     return dict(implementation=implementation, dtype=run.dtype, device=run.device, prompt=run.prompt,
-                tokens=json.dumps(run.tokens), checkpoint=run.checkpoint, isolated=run.isolated, **extra)  # fmt: skip
+                tokens=list(run.tokens), checkpoint=run.checkpoint, isolated=run.isolated, **extra)  # fmt: skip
 
 
 def expected_shape(run: Run, name: str) -> tuple[int, ...] | None:

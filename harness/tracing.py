@@ -62,12 +62,34 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _to_attr(value: Any) -> Any:
+# Root attribute listing the metadata keys stored JSON-encoded (lists, dicts, tensors), so that reading decodes
+# exactly those and a string that merely looks like JSON (a prompt "[1, 2]") stays a string. Traces written before
+# it existed have no such list: their attributes are decoded by the old guess (a string starting with [ or {).
+JSON_ATTRS = "json_attrs"
+
+
+def _to_attr(value: Any) -> tuple[Any, bool]:
+    """(value as an HDF5 attribute, whether it was JSON-encoded)."""
     if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
-        return value
+        return value, False
     if isinstance(value, torch.Tensor):
         value = value.tolist()
-    return json.dumps(value)
+    return json.dumps(value), True
+
+
+def _from_attr(value: Any, encoded: bool | None) -> Any:
+    """An attribute as written: decoded when it was JSON-encoded (`encoded` None: an old trace, guess as it did)."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    guess = encoded is None and isinstance(value, str) and value[:1] in "[{"
+    if isinstance(value, str) and (encoded or guess):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass  # not JSON after all: the string as stored
+    return value
 
 
 # Datasets of at least this many bytes are stored chunked and compressed (gzip level 1 after the byte shuffle: bfloat16
@@ -219,8 +241,11 @@ def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, chec
             file.attrs["format_version"] = FORMAT_VERSION
             file.attrs["encoding"] = "llama3-harness-trace"
             file.attrs["library_versions"] = json.dumps(library_versions())
+            encoded = ["library_versions"]  # written JSON-encoded just above
             for key, value in _checkpoint_metadata(metadata).items():
-                file.attrs[key] = _to_attr(value)
+                file.attrs[key], was_json = _to_attr(value)
+                encoded += [key] if was_json else []
+            file.attrs[JSON_ATTRS] = json.dumps(encoded)
             _active = _Recorder(file, names, check_shape)
             try:
                 yield
@@ -267,19 +292,11 @@ class Trace:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        out = {}
-        for key, value in self.file.attrs.items():
-            if isinstance(value, bytes):
-                value = value.decode()
-            if isinstance(value, str) and value[:1] in "[{" :
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
-            elif isinstance(value, np.generic):
-                value = value.item()
-            out[key] = value
-        return out
+        """The file's metadata with its types: JSON-encoded ones (listed in `json_attrs`) decoded, strings as strings."""
+        raw = dict(self.file.attrs.items())
+        listed = raw.pop(JSON_ATTRS, None)
+        encoded = set(json.loads(_from_attr(listed, False))) if listed is not None else None
+        return {key: _from_attr(value, None if encoded is None else key in encoded) for key, value in raw.items()}
 
     def __contains__(self, name: str) -> bool:
         return canon.to_path(name) in self.file

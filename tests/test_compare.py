@@ -15,7 +15,7 @@ import torch
 from harness import record, tracing
 from harness.cli import main
 from harness.compare import (ABS_TERM_ULPS, DIRECT_RTOL, FLOOR_FACTOR, ORACLE_PREFIX, UNIT_ROUNDOFF, compare_traces,
-                             oracle_bound)  # fmt: skip
+                             oracle_bound, small_sample_factor)  # fmt: skip
 from harness.checkpoint import open_checkpoint
 
 TOKENS = [1, 5, 7, 2, 9, 4]
@@ -96,10 +96,12 @@ def test_the_oracle_rule_passes_the_reference_rounding_and_fails_ten_times_it(tm
     good = write_trace(tmp_path / "good.h5", {"layers.0.output": noisy(oracle, 0.012, 4)}, dtype="bfloat16")
     bad = write_trace(tmp_path / "bad.h5", {"layers.0.output": noisy(oracle, 0.10, 5)}, dtype="bfloat16")
     ok, wrong = compare_traces(a, good).results[0], compare_traces(a, bad).results[0]
-    expected_bound = FLOOR_FACTOR * (0.01 + ABS_TERM_ULPS * UNIT_ROUNDOFF["bfloat16"])
+    tail = small_sample_factor(T * 64)  # a non-head name is its own group: its own floor, and the small-sample tail
+    expected_bound = FLOOR_FACTOR * tail * (0.01 + ABS_TERM_ULPS * UNIT_ROUNDOFF["bfloat16"])
+    assert oracle_bound(0.01, "bfloat16", T * 64) == pytest.approx(expected_bound)
     assert ok.against == "oracle" and ok.floor == pytest.approx(0.01, rel=1e-6), ok
     assert ok.bound == pytest.approx(expected_bound, rel=1e-6), (ok.bound, expected_bound)
-    assert ok.passed and ok.floor_ratio == pytest.approx(0.012 / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3), ok
+    assert ok.passed and ok.floor_ratio == pytest.approx(0.012 / tail / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3), ok
     assert not wrong.passed and wrong.ratio > 1, f"10x the floor must fail: {wrong}"
 
 

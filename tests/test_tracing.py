@@ -117,3 +117,30 @@ def test_long_square_tensors_keep_sampled_rows(tmp_path):
     with h5py.File(tmp_path / "t.h5", "a") as f:
         f.attrs["format_version"] = 1
     assert harness.load_trace(tmp_path / "t.h5").shape("layers.0.attention.heads.0.q") == (n, 16)
+
+
+def test_attributes_keep_their_types_whatever_a_string_looks_like(tmp_path):
+    path = tmp_path / "t.h5"
+    meta = dict(prompt="[1, 2]", note='{"a": 1}', tokens=[1, 2, 3], config={"dim": 8}, weights=torch.tensor([0.5, 1.5]),
+                n_layers=3, rope_theta=5e5, isolated=False)  # fmt: skip
+    with harness.tracing(path, **meta):
+        harness.record("norm", torch.ones(1))
+    attrs = harness.load_trace(path).attrs
+    assert attrs["prompt"] == "[1, 2]" and attrs["note"] == '{"a": 1}'  # strings stay strings
+    assert attrs["tokens"] == [1, 2, 3] and attrs["config"] == {"dim": 8} and attrs["weights"] == [0.5, 1.5]
+    assert attrs["n_layers"] == 3 and attrs["rope_theta"] == 5e5 and attrs["isolated"] is False
+    assert isinstance(attrs["library_versions"], dict) and "torch" in attrs["library_versions"]
+    assert "json_attrs" not in attrs
+
+
+def test_traces_written_before_json_attrs_existed_still_decode(tmp_path):
+    """A format-1 trace of an earlier harness: no json_attrs list, JSON-looking strings decoded as they were."""
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["tokens"] = "[5, 6]"
+        f.attrs["prompt"] = "hello"
+        f.attrs["n_layers"] = 2
+        f.create_dataset("/norm", data=torch.ones(1).numpy())
+    attrs = harness.load_trace(path).attrs
+    assert attrs == {"format_version": 1, "tokens": [5, 6], "prompt": "hello", "n_layers": 2}
