@@ -298,29 +298,35 @@ def small_sample_factor(n: int) -> float:
     return 1.0 + TAIL_Z / math.sqrt(2 * max(n, 1))
 
 
-def judged_part(name: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+def judged_part(name: str, *tensors: torch.Tensor, rows: list[int] | None = None) -> list[torch.Tensor]:
     """What a name is judged on: `scores` on its causal part (row i, keys 0..i), the rest whole.
 
     Real implementations record scores after the causal mask (-inf or the dtype's minimum above the diagonal), the
     harness's before it: zeroing above the diagonal on every side makes both recordings agree. A wrong mask still
-    changes `probs`, which is judged whole.
+    changes `probs`, which is judged whole. `rows`: the positions of the stored rows, when a long prompt's trace keeps
+    sampled rows only.
     """
-    if canon.parse(name)[2] != "scores" or tensors[0].dim() != 2 or tensors[0].shape[0] != tensors[0].shape[1]:
+    if canon.parse(name)[2] != "scores" or tensors[0].dim() != 2:
         return list(tensors)
-    upper = torch.ones(tensors[0].shape, dtype=torch.bool).triu(1)  # [T, T]: True above the diagonal
+    n_rows, n_keys = tensors[0].shape
+    positions = torch.tensor(rows) if rows is not None else torch.arange(n_rows)  # [R]: each row's query position
+    if rows is None and n_rows != n_keys:
+        return list(tensors)
+    upper = torch.arange(n_keys)[None, :] > positions[:, None]  # [R, T]: True after the query's own position
     return [t.masked_fill(upper, 0.0) for t in tensors]
 
 
 def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, oracle: torch.Tensor | None = None,
                     dtype_a: str = "float32", dtype_b: str = "float32", rtol: float | None = None,
-                    atol: float | None = None, group: Floor | None = None) -> NameResult:
+                    atol: float | None = None, group: Floor | None = None, rows: list[int] | None = None) -> NameResult:
     """One name: B against the oracle (when given, with A's floor, pooled with `group`'s) or against A.
 
     `group`: the pooled floor of the name's group (its layer's heads for a per-head name); by default the name alone.
+    `rows`: the positions of the stored rows, when the traces keep sampled rows of a long prompt's [T, T] tensor.
     """
     a, b = a.double(), b.double()
     oracle = oracle.double() if oracle is not None else None
-    a, b, *rest = judged_part(name, a, b, *([oracle] if oracle is not None else []))
+    a, b, *rest = judged_part(name, a, b, *([oracle] if oracle is not None else []), rows=rows)
     oracle = rest[0] if rest else None
     layer, head, _ = canon.parse(name)
     dtype = _less_precise(dtype_a, dtype_b)
@@ -353,6 +359,7 @@ def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, oracle: torc
     axes = canon.axes(name)
     if abs_err.numel() and axes and axes[0] == "T" and abs_err.dim() == len(axes) and float(abs_err.max()) > 0:
         worst = int(torch.unravel_index(abs_err.argmax(), abs_err.shape)[0])
+        worst = rows[worst] if rows is not None else worst
     return NameResult(
         name=name, passed=passed, max_abs=float(abs_err[finite].max()) if bool(finite.any()) else 0.0,
         max_rel=max_rel(b_f, t_f), rel_l2=error, cosine=cosine(b_f, t_f), ratio=ratio, bound=bound,
@@ -388,6 +395,8 @@ def _check_comparable(a: Trace, b: Trace, common: list[str]) -> None:
     for name in common:
         if a.shape(name) != b.shape(name):
             raise HarnessError(f"{name!r} has shape {list(a.shape(name))} in {a.path} and {list(b.shape(name))} in {b.path}")
+        if a.rows(name) != b.rows(name):
+            raise HarnessError(f"{name!r}: {a.path} and {b.path} keep different rows of it (traces of other harness versions?)")
 
 
 def _dtype_of(trace: Trace, run_dtype: object, name: str) -> str:
@@ -417,7 +426,7 @@ def group_floors(ref: Trace, names: list[str]) -> dict[str, Floor]:
     heads = [n for n in names if _group_of(n) != n and ORACLE_PREFIX + n in ref]
     own = {}
     for name in heads:
-        a, truth = judged_part(name, ref[name].double(), ref[ORACLE_PREFIX + name].double())
+        a, truth = judged_part(name, ref[name].double(), ref[ORACLE_PREFIX + name].double(), rows=ref.rows(name))
         own[name] = floor_of(a, truth)
     members: dict[str, list[Floor]] = {}
     for name in heads:
@@ -480,7 +489,7 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol
             oracle = ref[ORACLE_PREFIX + name] if ORACLE_PREFIX + name in oracles else None
             results.append(compare_tensors(name, ref[name], impl[name], oracle=oracle, dtype_a=_dtype_of(ref, run_ref, name),
                                            dtype_b=_dtype_of(impl, run_impl, name), rtol=rtol, atol=atol,
-                                           group=groups.get(name)))  # fmt: skip
+                                           group=groups.get(name), rows=ref.rows(name)))  # fmt: skip
         tokens = a.tokens if "tokens" in a else (b.tokens if "tokens" in b else None)
         if tokens is None and isinstance(a.attrs.get("tokens"), list):
             tokens = [int(t) for t in a.attrs["tokens"]]

@@ -255,3 +255,30 @@ def test_verify_in_float64_passes_under_the_float64_bound(tiny_checkpoint, tmp_p
     result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype="float64")
     assert result.passed and result.comparison.mode == "direct", result.comparison.first_divergence
     assert max(r.rel_l2 for r in result.comparison.results) < 1e-12
+
+
+def test_sampled_rows_of_a_long_prompt_are_judged_at_their_positions(tmp_path):
+    """A long prompt's scores keep sampled rows: a masked and an unmasked recording agree on the causal part of each
+    row's own position, a wrong value is found at its position (not its row index)."""
+    from harness.tracing import FULL_SQUARE_MAX_T, sampled_rows
+
+    n = FULL_SQUARE_MAX_T + 7
+    truth = torch.randn(n, n, dtype=torch.float64)
+    reference = truth + 1e-3 * torch.randn(n, n, dtype=torch.float64)
+    mine = reference.float().masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))  # after the mask
+    wrong = mine.clone()
+    rows = sampled_rows(n)
+    wrong[rows[40], 3] += 5.0  # one value, in the causal part of the 41st stored row
+    name = "layers.0.attention.heads.0.scores"
+    paths = {}
+    for label, tensor in (("ref", reference), ("mine", mine), ("wrong", wrong)):
+        paths[label] = tmp_path / f"{label}.h5"
+        with tracing(paths[label], dtype="float32"):
+            record("tokens", torch.arange(n))
+            record(name, tensor.float())
+            if label == "ref":
+                record(ORACLE_PREFIX + name, truth)
+    good = compare_traces(paths["ref"], paths["mine"]).result(name)
+    assert good.passed and good.nonfinite is None, good
+    bad = compare_traces(paths["ref"], paths["wrong"]).result(name)
+    assert not bad.passed and bad.worst_position == rows[40], bad
