@@ -16,7 +16,7 @@ from harness import record, scratch, tracing
 from harness.checkpoint import open_checkpoint
 from harness.compare import (ORACLE_PREFIX, Floor, compare_tensors, compare_traces, effective_floor, pooled,
                              propagated_floor, small_sample_factor)  # fmt: skip
-from harness.reference import trace_reference
+from harness.runner import trace_reference
 from harness.runner import trace_scratch
 from harness.tracing import load_trace
 
