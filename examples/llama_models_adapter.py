@@ -3,7 +3,8 @@
 Verify it:  python -m harness verify CHECKPOINT --impl examples/llama_models_adapter.py:ADAPTER [--dtype bfloat16] [--isolated]
 Needs: pip install llama-models==0.3.0 fairscale==0.4.13 (fairscale is imported but not declared). Its parameters have
 Meta's names and q/k rows stay in Meta's interleaved order, so loading is 1:1 and no q/k transform applies.
-Not recorded: `scores` (computed inline, then masked; softmax's input is the masked scores).
+`scores` are softmax's input: masked and scaled, judged on their causal part. Softmax is wrapped in torch itself for
+the run (llama-models calls `F.softmax` at call time).
 """
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -11,7 +12,7 @@ import torch
 from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.model import Transformer
 
-from harness.adapter import Adapter, drop_batch, heads_first, kv_to_query_heads, llama_taps, output_of
+from harness.adapter import Adapter, drop_batch, heads_first, input_of, kv_to_query_heads, llama_taps, output_of
 
 # llama-models allocates a KV cache of max_batch_size x max_seq_len per layer in __init__ (32 GB for 8B at 128k
 # tokens) and RoPE angles for 2 x max_seq_len positions; the harness runs one prompt: up to 8192 tokens here.
@@ -42,6 +43,7 @@ _HEAD = "layers.{layer}.attention.heads.{head}"
 TAPS = llama_taps() | {  # its modules have Meta's names: the default paths
     f"{_HEAD}.q_rotated": output_of(_ROPE, drop_batch, heads_first, index=0),
     f"{_HEAD}.k_rotated": output_of(_ROPE, drop_batch, heads_first, kv_to_query_heads, index=1),
+    f"{_HEAD}.scores": input_of("torch.nn.functional:softmax", drop_batch),  # masked and scaled: compare takes the causal part
     f"{_HEAD}.probs": output_of("torch.nn.functional:softmax", drop_batch),  # [1, H, T, T], float32 in every dtype
 }
 

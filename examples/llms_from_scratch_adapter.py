@@ -4,13 +4,14 @@ Verify it:  python -m harness verify CHECKPOINT --impl examples/llms_from_scratc
 Needs: pip install --no-deps llms-from-scratch==1.0.19 (its declared dependencies pull tensorflow and jupyterlab; this
 model needs only torch and tiktoken). It rotates q/k by halves, as Hugging Face does: wq/wk rows are permuted on load
 and its q/k are mapped back to Meta's interleaved pairs. Its RMSNorm eps is hard-coded 1e-5 (Llama-3's).
-Not recorded: `scores` (computed inline, then masked; softmax's input is the masked scores / sqrt(head_dim)).
+`scores` are softmax's input (masked, then divided by sqrt(head_dim)), judged on their causal part; `torch.softmax`
+is wrapped for the run.
 """
 
 import torch
 from llms_from_scratch.llama3 import Llama3Model
 
-from harness.adapter import META_PATHS, Adapter, drop_batch, interleave_halves, kv_to_query_heads, llama_taps, output_of
+from harness.adapter import META_PATHS, Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from harness.hf_layout import heads_of, permute_to_hf
 
 # Meta's names -> its names, part by part: "layers.0.attention.wq.weight" -> "trf_blocks.0.att.W_query.weight"
@@ -48,6 +49,7 @@ _HEAD = "layers.{layer}.attention.heads.{head}"
 TAPS = llama_taps({meta: book_name(path) for meta, path in META_PATHS.items()}, half_split=True) | {
     f"{_HEAD}.q_rotated": output_of(_ROPE, drop_batch, interleave_halves, call=1),
     f"{_HEAD}.k_rotated": output_of(_ROPE, drop_batch, kv_to_query_heads, interleave_halves, call=0),
+    f"{_HEAD}.scores": input_of("torch:softmax", drop_batch),  # masked, then / sqrt(head_dim): compare takes the causal part
     f"{_HEAD}.probs": output_of("torch:softmax", drop_batch),  # [1, H, T, T]
 }
 

@@ -14,6 +14,12 @@ from .errors import HarnessError
 from .runner import DEFAULT_PROMPT, DTYPES
 
 
+def _prompt(args: argparse.Namespace) -> str:
+    from .runner import read_prompt_file
+
+    return read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
@@ -29,7 +35,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.vectorized and args.impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
     impl = resolve(args.impl, vectorized=args.vectorized, progress=sys.stderr.isatty())
-    run = make_run(args.checkpoint, prompt=args.prompt, dtype=args.dtype, device=args.device, names=args.names,
+    run = make_run(args.checkpoint, prompt=_prompt(args), dtype=args.dtype, device=args.device, names=args.names,
                    generate=args.generate)  # fmt: skip
     logits = trace(run, impl, args.out)
     if args.generate:
@@ -69,7 +75,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .report import text_report
     from .verify import verify
 
-    result = verify(args.checkpoint, out=args.out, dtype=args.dtype, prompt=args.prompt, isolated=args.isolated,
+    result = verify(args.checkpoint, out=args.out, dtype=args.dtype, prompt=_prompt(args), isolated=args.isolated,
                     device=args.device, progress=sys.stderr.isatty(), impl=args.impl, vectorized=args.vectorized,
                     generate=args.generate)  # fmt: skip
     print(text_report(result.comparison))
@@ -81,7 +87,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0 if result.passed else 1
     print(f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
           f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})")  # fmt: skip
-    print(f"traces, comparison.json and report.html written to {result.out}")
+    print(f"prompt: {len(result.comparison.tokens or [])} tokens; traces, comparison.json and report.html written to {result.out}")
     return 0 if result.passed else 1
 
 
@@ -116,7 +122,9 @@ def _add_generate_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text after <|begin_of_text|> (default: the notebook's)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="text after <|begin_of_text|> (default: the notebook's)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="the prompt is this UTF-8 file's text, as it is (long prompts)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="working dtype of the forward")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 

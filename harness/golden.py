@@ -22,7 +22,7 @@ from filelock import FileLock
 from .checkpoint import open_checkpoint
 from .compare import Comparison, compare_traces
 from .errors import HarnessError
-from .tracing import FORMAT_VERSION, atomic_path, library_versions
+from .tracing import FORMAT_VERSION, READABLE_VERSIONS, atomic_path, library_versions
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 
@@ -139,8 +139,8 @@ def check_entry(entry: Entry, work_dir: Path, golden_dir: Path = GOLDEN_DIR, *, 
         raise HarnessError(f"{golden}: missing from golden/; run `python -m harness golden --update`")
     if sha256(golden) != recorded["sha256"]:
         raise HarnessError(f"{golden}: sha256 differs from manifest.json (changed outside `python -m harness golden --update`)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise HarnessError(f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, this harness writes {FORMAT_VERSION}; run `python -m harness golden --update`")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise HarnessError(f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, this harness reads {READABLE_VERSIONS}; run `python -m harness golden --update`")
     tiny_root = Path(tiny_root or work_dir / "tiny")
     ckpt = open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed))
     if ckpt.fingerprint() != recorded["checkpoint"]:

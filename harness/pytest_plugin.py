@@ -23,6 +23,7 @@ OPTIONS = {  # option: (environment variable, help)
     "impl": ("LLAMA3_IMPL", "implementation to verify: scratch (default), MODULE:ATTR or path/to/file.py:ATTR"),
     "dtype": ("LLAMA3_DTYPE", "working dtype(s), comma-separated (default: float32,bfloat16 on tiny; bfloat16 with a checkpoint)"),
     "prompt": ("LLAMA3_PROMPT", "prompt after <|begin_of_text|> (default: the notebook's)"),
+    "prompt_file": ("LLAMA3_PROMPT_FILE", "the prompt is this UTF-8 file's text, as it is (long prompts)"),
     "isolated": ("LLAMA3_ISOLATED", "feed each layer of the implementation the reference's input to it"),
     "trace_dir": ("LLAMA3_TRACE_DIR", "keep traces, comparison.json and report.html here for `compare` and plots"),
     "generate": ("LLAMA3_GENERATE", "N: a prefill and N decode steps with a KV cache, tests per step (step3-layer1-head2-scores)"),
@@ -65,8 +66,7 @@ def pytest_load_initial_conftests(early_config, parser, args):
     are known: `--llama3-checkpoint DIR` makes DIR look like a test path. Pick it again without our options' values."""
     ns = early_config.known_args_namespace
     ours = [getattr(ns, f"llama3_{name}", None) for name in OPTIONS]
-    given = {Path(v).resolve() for v in ours if isinstance(v, str) and Path(v).exists()}
-    if not given or early_config.rootpath.resolve() not in given or ns.rootdir or ns.inifilename:
+    if not any(isinstance(v, str) and Path(v).exists() for v in ours) or ns.rootdir or ns.inifilename:
         return
     from _pytest.config.findpaths import determine_setup
 
@@ -74,6 +74,8 @@ def pytest_load_initial_conftests(early_config, parser, args):
                   invocation_dir=early_config.invocation_params.dir)  # fmt: skip
     accepted = inspect.signature(determine_setup).parameters
     rootpath, inipath, inicfg, *_ = determine_setup(**{k: v for k, v in kwargs.items() if k in accepted})
+    if rootpath == early_config.rootpath and inipath == early_config.inipath:
+        return  # the values misled nothing (given with `=`, or beside the project anyway)
     early_config._rootpath, early_config._inipath, early_config._inicfg = rootpath, inipath, inicfg
     early_config._inicache.clear()
     parser.extra_info.update(rootdir=str(rootpath), inifile=str(inipath))
@@ -112,6 +114,7 @@ def suite_cases(config) -> list[Case]:
         parse_dtype(d)
     generate = _generate(option(config, "generate"))
     resolved = resolve(impl)  # a bad --llama3-impl is a usage error now, not a thousand red tests
+    suite_prompt(config)  # and so is a missing prompt file
     if generate:
         from harness.implementation import decoder
 
@@ -125,6 +128,14 @@ def suite_cases(config) -> list[Case]:
 
     return [Case(f"tiny{v}-{d}", d, VARIANTS[v]["n_layers"], VARIANTS[v]["n_heads"], tiny=(v, 0), impl=impl, generate=generate)
             for v in VARIANTS for d in dtypes]  # fmt: skip
+
+
+def suite_prompt(config) -> str:
+    from harness.runner import DEFAULT_PROMPT, read_prompt_file
+
+    if option(config, "prompt") is not None and option(config, "prompt_file") is not None:
+        raise pytest.UsageError("--llama3-prompt and --llama3-prompt-file are exclusive: give one")
+    return read_prompt_file(option(config, "prompt_file")) if option(config, "prompt_file") else option(config, "prompt") or DEFAULT_PROMPT
 
 
 def _generate(value) -> int:
@@ -262,12 +273,11 @@ def verified(request, shared_dir):
             summary_path = out / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
             if summary.get("session") != session:
-                from harness.runner import DEFAULT_PROMPT
                 from harness.tracing import atomic_path
                 from harness.verify import verify
 
                 checkpoint = case.checkpoint or tiny_dir(shared_dir / "tiny", *case.tiny)
-                result = verify(checkpoint, out=out, dtype=case.dtype, prompt=option(config, "prompt") or DEFAULT_PROMPT,
+                result = verify(checkpoint, out=out, dtype=case.dtype, prompt=suite_prompt(config),
                                 isolated=bool(option(config, "isolated")), impl=case.impl, generate=case.generate)  # fmt: skip
                 summary = dict(session=session, impl=case.impl, trace=str(result.trace_path),
                                reference_token=result.reference_token, impl_token=result.implementation_token,

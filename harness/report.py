@@ -56,7 +56,7 @@ def describe_divergence(c: Comparison) -> str:
 def summary_line(c: Comparison) -> str:
     n, bad = len(c.results), len(c.failed)
     worst = max(c.results, key=lambda r: r.ratio)
-    rule = {"oracle": f"calibrated on A's float64 oracle (bound = {FLOOR_FACTOR:g} x floor)", "direct": "fixed bound against A",
+    rule = {"oracle": f"calibrated on A's float64 oracle (bound = {FLOOR_FACTOR:g} x pooled floor)", "direct": "fixed bound against A",
             "mixed": "oracle where A has one, fixed bound elsewhere"}[c.mode]  # fmt: skip
     verdict = "PASS" if c.passed else "FAIL"
     return f"{verdict}: {n - bad}/{n} names within bound, {rule}; largest ratio {_fmt(worst.ratio)} at {worst.name}"

@@ -7,7 +7,6 @@ The Hugging Face reference, the scratch forward and a user's code are three impl
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,19 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def read_prompt_file(path: str | Path) -> str:
+    """`--prompt-file`: the file's text exactly as it is (UTF-8; a final newline is part of the prompt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: prompt file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HarnessError(f"{path}: prompt file is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot read prompt file ({e.strerror})") from None
+
+
 def _tokenizer(ckpt: Checkpoint):
     if ckpt.tokenizer_path is None:
         raise HarnessError(f"{ckpt.path}: no tokenizer.model (or tokenizer.json) in the checkpoint directory")
@@ -61,7 +73,7 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
     if len(tokens) > ckpt.config.max_seq_len:
         source = "params.json max_seq_len" if ckpt.format == "meta" else "config.json max_position_embeddings"
         raise HarnessError(f"{ckpt.path}: prompt is {len(tokens)} tokens, longer than the model's context of "
-                           f"{ckpt.config.max_seq_len} ({source}); use a shorter --prompt")  # fmt: skip
+                           f"{ckpt.config.max_seq_len} ({source}); use a shorter prompt")  # fmt: skip
     return tokens
 
 
@@ -125,7 +137,7 @@ def make_run(checkpoint: Checkpoint | str | Path, *, prompt: str = DEFAULT_PROMP
 
 def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any]:
     return dict(implementation=implementation, dtype=run.dtype, device=run.device, prompt=run.prompt,
-                tokens=json.dumps(run.tokens), checkpoint=run.checkpoint, isolated=run.isolated, **extra)  # fmt: skip
+                tokens=list(run.tokens), checkpoint=run.checkpoint, isolated=run.isolated, **extra)  # fmt: skip
 
 
 def step_span(run: Run, step: int) -> tuple[int, int]:

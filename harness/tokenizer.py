@@ -6,11 +6,11 @@ A prompt becomes `[<|begin_of_text|>] + encode(prompt)`, as in the notebook.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 from .errors import HarnessError
 
@@ -49,16 +49,35 @@ def load_tokenizer(path: str | Path) -> tiktoken.Encoding:
         raise HarnessError(f"{path}: tokenizer file not found")
     if path.suffix == ".json":
         return encoding_from_ranks(_ranks_from_tokenizer_json(path), name=path.parent.name)
-    try:
-        ranks = load_tiktoken_bpe(str(path))
-    except Exception as e:  # base64 / int / unpack errors from a garbage file
-        raise HarnessError(f"{path}: not a tiktoken BPE file (each line: base64 token, space, rank): {type(e).__name__}") from None
+    ranks = read_tokenizer_model(path)
     if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
         raise HarnessError(f"{path}: BPE ranks must be 0..N-1 without gaps")
     try:
         return encoding_from_ranks(ranks, name=path.parent.name)
     except ValueError as e:
         raise HarnessError(f"{path}: tiktoken rejected the ranks ({e})") from None
+
+
+def read_tokenizer_model(path: Path) -> dict[bytes, int]:
+    """Meta's `tokenizer.model` read from the file on every call: one `base64(token) rank` line per token.
+
+    Not tiktoken's `load_tiktoken_bpe`: it caches local files too, keyed by the path string, so a file rewritten at
+    the same path would be read with its old content.
+    """
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    ranks = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error) as e:  # not `base64 rank`
+            raise HarnessError(f"{path}: not a tiktoken BPE file (each line: base64 token, space, rank); line {number}: {type(e).__name__}") from None
+    return ranks
 
 
 def _bytes_to_unicode() -> dict[int, str]:

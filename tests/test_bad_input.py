@@ -259,6 +259,30 @@ def test_prompt_longer_than_the_context(capsys, tmp_path, ckpt):
                   extra=("--prompt", "a prompt of well over four tokens"))  # fmt: skip
 
 
+def test_prompt_file_is_read_as_it_is(capsys, tmp_path, ckpt, out):
+    """`--prompt-file`: the file's text exactly (a final newline included), and the token count printed."""
+    text = "the answer to the ultimate question of life\n" * 20
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    code, stdout, err = cli(capsys, "trace", ckpt, "--prompt-file", tmp_path / "prompt.txt", "--out", out / "t.h5")
+    assert code == 0, err
+    trace = harness.load_trace(out / "t.h5")
+    assert trace.attrs["prompt"] == text and f"{len(trace.tokens)} tokens" in stdout and len(trace.tokens) > 100
+
+
+@pytest.mark.parametrize("content, fragment", [(None, "prompt file not found"), (b"\xff\xfe bad", "not UTF-8 text")])
+def test_bad_prompt_file(capsys, tmp_path, ckpt, content, fragment):
+    if content is not None:
+        (tmp_path / "prompt.txt").write_bytes(content)
+    refused_trace(capsys, tmp_path, ckpt, "prompt.txt", fragment, extra=("--prompt-file", tmp_path / "prompt.txt"))
+
+
+def test_prompt_file_longer_than_the_context(capsys, tmp_path, ckpt):
+    edit_json(ckpt / "params.json", max_seq_len=64)
+    (tmp_path / "prompt.txt").write_text("one two three four five six seven eight nine ten " * 20)
+    refused_trace(capsys, tmp_path, ckpt, "longer than the model's context of 64", "max_seq_len",
+                  extra=("--prompt-file", tmp_path / "prompt.txt"))  # fmt: skip
+
+
 def test_unknown_device(capsys, tmp_path, ckpt):
     refused_trace(capsys, tmp_path, ckpt, "unknown device 'gpu0'", extra=("--device", "gpu0"))
 
@@ -366,11 +390,11 @@ def test_load_trace_of_a_truncated_or_non_hdf5_file(good_trace, tmp_path, conten
         harness.load_trace(bad)
 
 
-@pytest.mark.parametrize("version, shown", [(2, "2"), ("one", "'one'")])
+@pytest.mark.parametrize("version, shown", [(3, "3"), ("one", "'one'")])
 def test_load_trace_of_another_format_version(good_trace, version, shown):
     with h5py.File(good_trace, "a") as f:
         f.attrs["format_version"] = version
-    with pytest.raises(HarnessError, match=f"{good_trace}: trace format version {shown}, this harness reads version 1"):
+    with pytest.raises(HarnessError, match=f"{good_trace}: trace format version {shown}, this harness reads versions 1 and 2"):
         harness.load_trace(good_trace)
 
 

@@ -15,7 +15,7 @@ import torch
 from harness import record, tracing
 from harness.cli import main
 from harness.compare import (ABS_TERM_ULPS, DIRECT_RTOL, FLOOR_FACTOR, ORACLE_PREFIX, UNIT_ROUNDOFF, compare_traces,
-                             oracle_bound)  # fmt: skip
+                             oracle_bound, small_sample_factor)  # fmt: skip
 from harness.checkpoint import open_checkpoint
 
 TOKENS = [1, 5, 7, 2, 9, 4]
@@ -96,10 +96,12 @@ def test_the_oracle_rule_passes_the_reference_rounding_and_fails_ten_times_it(tm
     good = write_trace(tmp_path / "good.h5", {"layers.0.output": noisy(oracle, 0.012, 4)}, dtype="bfloat16")
     bad = write_trace(tmp_path / "bad.h5", {"layers.0.output": noisy(oracle, 0.10, 5)}, dtype="bfloat16")
     ok, wrong = compare_traces(a, good).results[0], compare_traces(a, bad).results[0]
-    expected_bound = FLOOR_FACTOR * (0.01 + ABS_TERM_ULPS * UNIT_ROUNDOFF["bfloat16"])
+    tail = small_sample_factor(T * 64)  # a non-head name is its own group: its own floor, and the small-sample tail
+    expected_bound = FLOOR_FACTOR * tail * (0.01 + ABS_TERM_ULPS * UNIT_ROUNDOFF["bfloat16"])
+    assert oracle_bound(0.01, "bfloat16", T * 64) == pytest.approx(expected_bound)
     assert ok.against == "oracle" and ok.floor == pytest.approx(0.01, rel=1e-6), ok
     assert ok.bound == pytest.approx(expected_bound, rel=1e-6), (ok.bound, expected_bound)
-    assert ok.passed and ok.floor_ratio == pytest.approx(0.012 / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3), ok
+    assert ok.passed and ok.floor_ratio == pytest.approx(0.012 / tail / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3), ok
     assert not wrong.passed and wrong.ratio > 1, f"10x the floor must fail: {wrong}"
 
 
@@ -253,3 +255,30 @@ def test_verify_in_float64_passes_under_the_float64_bound(tiny_checkpoint, tmp_p
     result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype="float64")
     assert result.passed and result.comparison.mode == "direct", result.comparison.first_divergence
     assert max(r.rel_l2 for r in result.comparison.results) < 1e-12
+
+
+def test_sampled_rows_of_a_long_prompt_are_judged_at_their_positions(tmp_path):
+    """A long prompt's scores keep sampled rows: a masked and an unmasked recording agree on the causal part of each
+    row's own position, a wrong value is found at its position (not its row index)."""
+    from harness.tracing import FULL_SQUARE_MAX_T, sampled_rows
+
+    n = FULL_SQUARE_MAX_T + 7
+    truth = torch.randn(n, n, dtype=torch.float64)
+    reference = truth + 1e-3 * torch.randn(n, n, dtype=torch.float64)
+    mine = reference.float().masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))  # after the mask
+    wrong = mine.clone()
+    rows = sampled_rows(n)
+    wrong[rows[40], 3] += 5.0  # one value, in the causal part of the 41st stored row
+    name = "layers.0.attention.heads.0.scores"
+    paths = {}
+    for label, tensor in (("ref", reference), ("mine", mine), ("wrong", wrong)):
+        paths[label] = tmp_path / f"{label}.h5"
+        with tracing(paths[label], dtype="float32"):
+            record("tokens", torch.arange(n))
+            record(name, tensor.float())
+            if label == "ref":
+                record(ORACLE_PREFIX + name, truth)
+    good = compare_traces(paths["ref"], paths["mine"]).result(name)
+    assert good.passed and good.nonfinite is None, good
+    bad = compare_traces(paths["ref"], paths["wrong"]).result(name)
+    assert not bad.passed and bad.worst_position == rows[40], bad

@@ -3,7 +3,10 @@
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from harness.tokenizer import PAT_STR, SPECIAL_TOKENS, encode_prompt, load_tokenizer
+import pytest
+
+from harness.errors import HarnessError
+from harness.tokenizer import PAT_STR, SPECIAL_TOKENS, encode_prompt, load_tokenizer, read_tokenizer_model
 from harness.runner import DEFAULT_PROMPT
 
 TEXTS = [DEFAULT_PROMPT, "Hello, world! It's 2026.", "café naïve — 東京 🎉", "12345678 spaces   and\n\nnewlines", ""]
@@ -47,3 +50,34 @@ def test_default_prompt_tokenizes_like_the_notebook_short_sequence(tiny_checkpoi
     enc = load_tokenizer(tiny_checkpoint("3.0") / "tokenizer.model")
     tokens = encode_prompt(enc, DEFAULT_PROMPT)
     assert 10 <= len(tokens) <= 40, len(tokens)  # the tiny BPE was trained on text containing the prompt
+
+
+def _shifted_ranks(path):
+    """The same file with the ranks of the first two tokens swapped: encodes 'a' differently."""
+    lines = path.read_text().splitlines()
+    (t0, r0), (t1, r1) = lines[0].split(), lines[1].split()
+    return "\n".join([f"{t0} {r1}", f"{t1} {r0}"] + lines[2:]) + "\n"
+
+
+def test_a_tokenizer_rewritten_in_place_is_read_anew(tiny_checkpoint, tmp_path):
+    """No cache keyed by the path (tiktoken's load_tiktoken_bpe keeps one): the file's content now is what counts."""
+    path = tmp_path / "tokenizer.model"
+    path.write_text((tiny_checkpoint("3.0") / "tokenizer.model").read_text())
+    before = load_tokenizer(path).encode("\x00\x01")
+    path.write_text(_shifted_ranks(path))
+    after = load_tokenizer(path).encode("\x00\x01")
+    assert before == [0, 1] and after == [1, 0]
+
+
+def test_a_garbage_tokenizer_replaced_by_a_good_one_loads(tiny_checkpoint, tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_text("this is not base64 at all\n")
+    with pytest.raises(HarnessError, match=r"tokenizer.model: not a tiktoken BPE file .*line 1"):
+        load_tokenizer(path)
+    path.write_text((tiny_checkpoint("3.0") / "tokenizer.model").read_text())
+    assert encode_prompt(load_tokenizer(path), "") == [512]  # 512 BPE ranks, then <|begin_of_text|>
+
+
+def test_reading_the_file_ourselves_gives_tiktoken_s_ranks(tiny_checkpoint):
+    path = tiny_checkpoint("3.2") / "tokenizer.model"
+    assert read_tokenizer_model(path) == load_tiktoken_bpe(str(path))

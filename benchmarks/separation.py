@@ -1,0 +1,228 @@
+"""Separation benchmark: how far correct runs stay below compare's bound, and how far bugs sit above it.
+
+    python benchmarks/separation.py [--quick] [--work DIR] [--json OUT]
+
+Sweeps the envelope users run: prompt lengths 1 to 1024 tokens, every tiny variant (3.0, 3.1, 3.2), several seeds,
+float32/bfloat16/float16, the per-head and vectorized scratch forwards and scratch variants with other legitimate
+precision choices (monkeypatched, as tests/test_mutations.py does). Prints, per dtype and prompt length, the largest
+ratio (error / bound) of any correct run and the smallest ratio of any catalogued mutant at its own name. Targets:
+correct <= 0.5, mutants >= 10. Not a test: a few minutes with --quick on 2 cores, longer without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from harness import scratch  # noqa: E402
+from harness.checkpoint import open_checkpoint  # noqa: E402
+from harness.compare import compare_traces  # noqa: E402
+from harness.runner import trace_reference  # noqa: E402
+from harness.runner import trace_scratch  # noqa: E402
+from harness.tiny import CORPUS, make_tiny_meta  # noqa: E402
+from harness.tokenizer import load_tokenizer  # noqa: E402
+
+SHORT_PROMPTS = {1: "", 2: "a", 3: "the", 4: "the answer"}  # the issue's false alarms (tokens with the tiny BPE)
+
+
+# ---- implementations with other legitimate precision choices (each real code makes) --------------------------------
+
+
+def _norm_float32_then_cast(original, dtype):
+    """Hugging Face: normalise in float32, cast back, then multiply by the weight in the working dtype."""
+
+    def rms_norm(x, weight, eps):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+    return rms_norm
+
+
+def _norm_weight_float32(original, dtype):
+    """Some libraries: normalise and multiply by the weight in float32, cast once at the end."""
+
+    def rms_norm(x, weight, eps):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+    return rms_norm
+
+
+def _rope_working_dtype(original, dtype):
+    """Hugging Face: cos/sin cast to the working dtype, the rotation (and so the scores) in the working dtype."""
+
+    def rotate(x, freqs_cis):
+        cos, sin = freqs_cis.real.to(x.dtype), freqs_cis.imag.to(x.dtype)  # [T, hd/2]
+        pairs = x.unflatten(-1, (-1, 2))  # [..., T, hd/2, 2]
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)  # [..., T, hd]
+
+    return rotate
+
+
+def _softmax_working_dtype(original, dtype):
+    """Scores in float32, softmax in the working dtype (masked scores cast down first)."""
+    return lambda masked_scores: torch.nn.functional.softmax(masked_scores.to(dtype), dim=1)
+
+
+# (label, [(scratch function, make(original, dtype))], vectorized)
+IMPLEMENTATIONS: list[tuple[str, list[tuple[str, Callable]], bool]] = [
+    ("scratch", [], False),
+    ("vectorized", [], True),
+    ("norm-f32-cast", [("rms_norm", _norm_float32_then_cast)], False),
+    ("norm-weight-f32", [("rms_norm", _norm_weight_float32)], False),
+    ("rope-working", [("rotate", _rope_working_dtype)], False),
+    ("softmax-working", [("softmax", _softmax_working_dtype)], False),
+    ("hf-like", [("rms_norm", _norm_float32_then_cast), ("rotate", _rope_working_dtype)], False),
+]
+
+
+def _patched(patches, dtype: torch.dtype | None):
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    for target, make in patches:
+        mp.setattr(scratch, target, make(getattr(scratch, target), dtype))
+    return mp
+
+
+def prompt_of_length(tokenizer_path: Path, n: int) -> str:
+    """A prompt of about `n` tokens (BOS included): the issue's short prompts, else a prefix of the tiny corpus."""
+    if n in SHORT_PROMPTS:
+        return SHORT_PROMPTS[n]
+    enc = load_tokenizer(tokenizer_path)
+    text = CORPUS.read_text(encoding="utf-8")
+    ids = enc.encode(text * (1 + 2 * n // max(1, len(enc.encode(text)))))[: n - 1]
+    return enc.decode(ids)
+
+
+# ---- the sweep --------------------------------------------------------------------------------------------------------
+
+
+def checkpoint(work: Path, variant: str, seed: int):
+    out = work / f"tiny-{variant}-{seed}"
+    if not out.exists():
+        make_tiny_meta(out, seed=seed, variant=variant)
+    return open_checkpoint(out)
+
+
+def correct_runs(work: Path, variants, seeds, dtypes, lengths, impls, rows: dict, worst: dict) -> None:
+    for variant in variants:
+        for seed in seeds:
+            ckpt = checkpoint(work, variant, seed)
+            for dtype in dtypes:
+                torch_dtype = getattr(torch, dtype)
+                for n in lengths:
+                    prompt = prompt_of_length(ckpt.tokenizer_path, n)
+                    ref = work / "ref.h5"
+                    trace_reference(ckpt, ref, prompt=prompt, dtype=dtype, oracle=True)
+                    for label, patches, vectorized in impls:
+                        path = work / "impl.h5"
+                        mp = _patched(patches, torch_dtype)
+                        try:
+                            trace_scratch(ckpt, path, prompt=prompt, dtype=dtype, vectorized=vectorized)
+                        finally:
+                            mp.undo()
+                        c = compare_traces(ref, path)
+                        top = max(c.results, key=lambda r: r.ratio)
+                        key = (dtype, len(c.tokens))
+                        rows[key]["correct"] = max(rows[key].get("correct", 0.0), top.ratio)
+                        if top.ratio > worst.get(key, (0.0,))[0]:
+                            worst[key] = (top.ratio, f"{variant} seed {seed} {label}: {top.name}")
+                        if not c.passed:
+                            print(f"  FALSE ALARM {variant} seed {seed} {dtype} T={len(c.tokens)} {label}: "
+                                  f"{c.first_divergence} at {top.ratio:.3g}x", flush=True)  # fmt: skip
+
+
+def mutant_runs(work: Path, dtypes, lengths, rows: dict, weakest: dict, misses: list) -> None:
+    from test_mutations import CATALOGUE
+
+    ckpt = checkpoint(work, "3.0", 0)
+    for dtype in dtypes:
+        for n in lengths:
+            prompt = prompt_of_length(ckpt.tokenizer_path, n)
+            ref = work / "ref.h5"
+            trace_reference(ckpt, ref, prompt=prompt, dtype=dtype, oracle=True)
+            for m in CATALOGUE:
+                path = work / "mutant.h5"
+                mp = _patched([(m.target, lambda original, _dt, m=m: m.make(original, ckpt.config))], None)
+                try:
+                    trace_scratch(ckpt, path, prompt=prompt, dtype=dtype)
+                finally:
+                    mp.undo()
+                c = compare_traces(ref, path)
+                own = c.result(m.first)
+                ratio = own.ratio if own is not None else float("nan")
+                key = (dtype, len(c.tokens))
+                if c.first_divergence != m.first:
+                    misses.append(f"{m.id} {dtype} T={len(c.tokens)}: first {c.first_divergence}, own name at {ratio:.3g}x")
+                    continue
+                if ratio < rows[key].get("mutant", float("inf")):
+                    rows[key]["mutant"] = ratio
+                    weakest[key] = m.id
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="Fewer variants, seeds, lengths and implementations")
+    p.add_argument("--work", type=Path, help="Scratch folder (default: a temporary one)")
+    p.add_argument("--json", type=Path, help="Write the table as JSON")
+    p.add_argument("--variants", help="Comma-separated tiny variants (overrides the sweep's)")
+    p.add_argument("--seeds", help="Comma-separated seeds")
+    p.add_argument("--dtypes", help="Comma-separated dtypes")
+    p.add_argument("--lengths", help="Comma-separated prompt lengths of the correct runs")
+    p.add_argument("--mutant-lengths", help="Comma-separated prompt lengths of the mutants ('' for none)")
+    p.add_argument("--impls", help=f"Comma-separated implementations ({', '.join(i[0] for i in IMPLEMENTATIONS)})")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        variants, seeds, dtypes = ("3.0", "3.2"), (0,), ("float32", "bfloat16")
+        lengths, mutant_lengths, impls = (1, 2, 3, 4, 17, 64), (2, 17), IMPLEMENTATIONS[:2] + IMPLEMENTATIONS[-1:]
+    else:
+        variants, seeds, dtypes = ("3.0", "3.1", "3.2"), (0, 1, 2, 3, 4), ("float32", "bfloat16", "float16")
+        lengths, mutant_lengths, impls = (1, 2, 3, 4, 8, 17, 64, 256, 1024), (1, 2, 3, 17, 256), IMPLEMENTATIONS
+    split = lambda text, cast=str: tuple(cast(x) for x in text.split(",") if x)  # noqa: E731
+    variants = split(args.variants) if args.variants else variants
+    seeds = split(args.seeds, int) if args.seeds else seeds
+    dtypes = split(args.dtypes) if args.dtypes else dtypes
+    lengths = split(args.lengths, int) if args.lengths is not None else lengths
+    mutant_lengths = split(args.mutant_lengths, int) if args.mutant_lengths is not None else mutant_lengths
+    impls = [i for i in IMPLEMENTATIONS if i[0] in split(args.impls)] if args.impls else impls
+    rows: dict = defaultdict(dict)
+    worst: dict = {}
+    weakest: dict = {}
+    misses: list[str] = []
+    start = time.time()
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        correct_runs(work, variants, seeds, dtypes, lengths, impls, rows, worst)
+        mutant_runs(work, dtypes, mutant_lengths, rows, weakest, misses)
+    print(f"\n{datetime.date.today()} {platform.node()} torch {torch.__version__}, {time.time() - start:.0f} s"
+          f"{' (--quick)' if args.quick else ''}")  # fmt: skip
+    print(f"| dtype | prompt (T) | worst correct run | ratio | weakest mutant | ratio |\n|---|---|---|---|---|---|")
+    for (dtype, n), row in sorted(rows.items(), key=lambda kv: (dtypes.index(kv[0][0]), kv[0][1])):
+        c, mu = row.get("correct"), row.get("mutant")
+        print(f"| {dtype} | {n} | {worst.get((dtype, n), ('', '-'))[1]} | {'-' if c is None else f'{c:.3g}'} | "
+              f"{weakest.get((dtype, n), '-')} | {'-' if mu is None else f'{mu:.3g}'} |")  # fmt: skip
+    if misses:
+        print("\nmutants not first at their own name:\n  " + "\n  ".join(misses))
+    if args.json:
+        args.json.write_text(json.dumps({f"{d}-{n}": r for (d, n), r in rows.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
