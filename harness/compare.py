@@ -414,9 +414,13 @@ def _oracle_side(a: Trace, b: Trace) -> tuple[Trace, Trace, bool]:
 
 
 def _group_of(name: str) -> str:
-    """Names whose floors are pooled: a per-head name with the same name of its layer's other heads."""
-    layer, head, part = canon.parse(name)
-    return f"layers.{layer}.attention.heads.*.{part}" if head is not None else name
+    """Names whose floors are pooled: a per-head name with the same name of its layer's other heads, in the same
+    generation step (a prefill's floors say nothing of a decode step's)."""
+    step, base = canon.split_step(name)
+    layer, head, part = canon.parse(base)
+    if head is None:
+        return name
+    return ("" if step is None else f"steps.{step}.") + f"layers.{layer}.attention.heads.*.{part}"
 
 
 def group_floors(ref: Trace, names: list[str]) -> dict[str, Floor]:
@@ -520,11 +524,11 @@ def tokenizer_for(attrs: dict[str, Any]) -> Callable[[int], str] | None:
     if not isinstance(path, str) or not Path(path).is_dir():
         return None
     from .checkpoint import open_checkpoint
-    from .runner import token_text
+    from .tokenizer import load_tokenizer, token_text_of
 
     try:
         ckpt = open_checkpoint(path)
-        return token_text(ckpt) if ckpt.tokenizer_path else None
+        return token_text_of(load_tokenizer(ckpt.tokenizer_path)) if ckpt.tokenizer_path else None
     except HarnessError:
         return None
 

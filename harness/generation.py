@@ -18,7 +18,7 @@ import torch
 from . import names as canon
 from .errors import HarnessError
 from .implementation import Implementation, decoder
-from .runner import Run, expected_shape, step_span, trace_metadata
+from .run import Run, expected_shape, step_span, trace_metadata
 from .tracing import RESERVED_PREFIX, Trace, record, record_calls, recorded, tracing
 
 _tracing = importlib.import_module(".tracing", __package__)  # the module (the package's `tracing` is its function)

@@ -105,6 +105,17 @@ def _ranks_from_tokenizer_json(path: Path) -> dict[bytes, int]:
         raise HarnessError(f"{path}: token character {e.args[0]!r} is not byte-level BPE") from None
 
 
+def token_text_of(enc: tiktoken.Encoding):
+    """`text(id)` of one token; ids beyond the tokenizer (benchmark shapes) as <id N>."""
+
+    def text(token: int) -> str:
+        if not 0 <= token < enc.n_vocab:
+            return f"<id {token}>"
+        return enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+    return text
+
+
 def encode_prompt(enc: tiktoken.Encoding, prompt: str) -> list[int]:
     """`[<|begin_of_text|>] + encode(prompt)`; special-token text in the prompt becomes that special token, as in HF."""
     return [enc.encode_single_token(BOS)] + enc.encode(prompt, allowed_special="all")
