@@ -137,6 +137,7 @@ def _load_file(spec: str, path: Path):
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
     sys.path.insert(0, str(path.parent))
+    write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside the user's file
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
@@ -145,4 +146,5 @@ def _load_file(spec: str, path: Path):
         raise HarnessError(f"--impl {spec}: loading {path.name} failed{where}: {type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(str(path.parent))
+        sys.dont_write_bytecode = write_bytecode
     return module
