@@ -94,6 +94,18 @@ def _pyplot():
     return plt
 
 
+def _finish_error_plot(fig, ax, c: Comparison, path: Path, *, xlabel: str, title: str) -> None:
+    """A log-scale error plot's labels, legend and grid; saved and closed."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"relative L2 error against {'the oracle' if c.mode != 'direct' else 'A'}")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    _pyplot().close(fig)
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
@@ -169,14 +181,8 @@ def plot_depth(c: Comparison, path: Path) -> bool:
     for x, r in points:
         if not r.passed:
             ax.axvline(x, color="red", alpha=0.15)
-    ax.set_yscale("log")
-    ax.set_xlabel("depth (layer + 0.5: attention_residual, layer + 1: output)")
-    ax.set_ylabel(f"relative L2 error against {'the oracle' if c.mode != 'direct' else 'A'}")
-    ax.set_title("residual stream error across depth")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
+    _finish_error_plot(fig, ax, c, path, xlabel="depth (layer + 0.5: attention_residual, layer + 1: output)",
+                       title="residual stream error across depth")
     return True
 
 
@@ -246,15 +252,9 @@ def plot_steps(c: Comparison, path: Path) -> bool:
         for x, r in points:
             if not r.passed:
                 ax.plot([x], [max(r.rel_l2, tiny)], "x", color="red", markersize=10)
-    ax.set_yscale("log")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("step (0: prefill of the prompt; s: decode step s, one token)")
-    ax.set_ylabel(f"relative L2 error against {'the oracle' if c.mode != 'direct' else 'A'}")
-    ax.set_title("error across generation steps (dotted: the reference's floor; x: failed)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
+    _finish_error_plot(fig, ax, c, path, xlabel="step (0: prefill of the prompt; s: decode step s, one token)",
+                       title="error across generation steps (dotted: the reference's floor; x: failed)")
     return True
 
 
