@@ -35,16 +35,19 @@ ORACLE_PREFIX = "_oracle."
 #               probs @ v on the oracle's values (`propagated_floor`); a non-head name is its own group;
 #   floor      F_eff = max(f, sqrt((n_f f^2 + POOL_WEIGHT g^2) / (n_f + POOL_WEIGHT))): a tensor of 1 to a few values
 #               (1-3 token prompts) is held to its layer's heads together, a large one to its own floor;
-#   B passes NAME when RMS(B - oracle) <= FLOOR_FACTOR * tail(n_f) * (F_eff + ABS_TERM_ULPS * u * RMS(oracle)),
-#   with u the unit roundoff of the less precise dtype, n_f the values the reference rounded, and
-#   tail(n) = 1 + TAIL_Z / sqrt(2 n) the small-sample allowance. `bound` reports that as a relative L2 error;
+#   B passes NAME when RMS(B - oracle) <= FLOOR_FACTOR * tail * (F_eff + ABS_TERM_ULPS * u * RMS(oracle)),
+#   with u the unit roundoff of the less precise dtype, n the values the reference rounded, and
+#   tail = 1 + TAIL_Z sqrt(1/(2 n) + 1/(2 n_f)) the small-sample allowance for B's error and for the floor's own
+#   estimate (n_f = n, plus POOL_WEIGHT for a pooled floor). `bound` reports that as a relative L2 error;
 #   `floor_ratio` = ratio * FLOOR_FACTOR (B's error over the tail-scaled floor) is what the heat maps show.
 # Why: with 1-3 tokens many per-head tensors hold 1 to 6 values, so their own floor is one draw of the reference's
 # rounding (measured: 10 of 16 runs on prompts of 1-3 tokens failed on correct code, up to 4.83x the bound at a
 # 1-value `scores` whose own floor was 10x below its layer's heads'); and an implementation's own error on a few
 # values is one draw too, so it needs room the chi distribution's tail gives.
-# Direct mode (no oracle): truth = A; B passes when ||B - A|| <= rtol * ||A|| + atol * sqrt(numel).
-# Every name reports ratio = error / bound: a name passes when ratio <= 1.
+#   Long prompts: the same rule again per block of positions (BLOCK_POSITIONS), each block's floor its own pooled
+#   toward the name's; a name passes when it and every block pass, and reports the first position where it fails.
+# Direct mode (no oracle): truth = A; B passes when ||B - A|| <= rtol * ||A|| + atol * sqrt(numel) (and so per block).
+# Every name reports ratio = error / bound, the largest of the whole name's and its blocks': passes when ratio <= 1.
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Unit roundoff (half an ulp at 1) of each dtype a trace can be computed in.
@@ -66,11 +69,28 @@ FLOOR_FACTOR = 5.0
 # own floor alone, the same quick sweep had 21 false alarms on 1-3 token prompts, up to 4.83x the bound.
 POOL_WEIGHT = 64
 
-# Small samples: an implementation's error over n values lies above its RMS by chance by up to about
-# 1 + z / sqrt(2 n) (the chi distribution's upper tail; z = 3.9: a 1-in-10^4 chance per name for one value). Not
-# fitted: from the distribution. Measured with it: a 1-value scores of a correct 1-token bfloat16 run reached 3.6x its
-# layer's pooled floor (3.2, seed 0), which the factor (3.76 for one value) absorbs; at >= 10^4 values it is <= 1.03.
+# Small samples: the ratio of an implementation's error RMS over n values to the floor, itself measured on n_f values
+# of the reference's rounding, lies above its expectation by chance by up to about 1 + z sqrt(1/(2 n) + 1/(2 n_f))
+# (two chi distributions' spread; z = 3.9: a 1-in-10^4 chance per name). n_f: the name's own rounded values, plus
+# POOL_WEIGHT when its floor is pooled with a group's. Not fitted: from the distributions. Measured: a 1-value scores
+# of a correct 1-token bfloat16 run reached 3.6x its layer's pooled floor (3.2, seed 0), which the factor (3.8 for one
+# value) absorbs; a 2-token bfloat16 run reached 0.528 of the bound at a per-layer name of 192 values when only the
+# implementation's side was counted (the five-seed sweep of 2026-11-24), 0.49 with the floor's own spread counted.
 TAIL_Z = 3.9
+
+# Error along the sequence: a name with a position axis is also judged per block of positions, each block against
+# its own floor (pooled toward the name's as a group of POOL_WEIGHT values), and passes only when every block does.
+# A bug that grows with position (RoPE scaling, angles in low precision) is diluted in a whole-tensor error: the RoPE
+# factor 32-for-8 bug at ~4000 tokens was 2.9x the whole-tensor bound at q_rotated, while its error in the last
+# positions is several times its average. Blocks of BLOCK_POSITIONS positions, at least MIN_BLOCK_ROWS stored rows
+# each (a long prompt's sampled scores/probs rows): prompts up to 2 x BLOCK_POSITIONS - 1 tokens are one block, so the
+# rule measured on 1-256 tokens above is unchanged there.
+BLOCK_POSITIONS = 256
+MIN_BLOCK_ROWS = 8
+
+# Streaming: a name is read CHUNK_ELEMENTS values (a whole number of rows) at a time on each side; compare holds no
+# whole large tensor, and its memory does not grow with the prompt beyond one chunk (8 MiB per side in float64).
+CHUNK_ELEMENTS = 1 << 20
 
 # Absolute term, in units of u, added to the floor: a name the reference computes exactly (embeddings: a gather) has
 # floor 0, while a correct implementation that rounds once more there has an error of about u/sqrt(3) (0.58 u, one
@@ -113,6 +133,8 @@ class NameResult:
     nonfinite: str | None = None  # set when NaN/Inf appear on one side and not the other
     logits: dict[str, Any] | None = None  # top-1/top-5 agreement and KL for `logits`
     pooled_floor: float | None = None  # the floor the name is held to (its own, or pooled with its layer's heads)
+    first_failing_position: int | None = None  # the first position whose error leaves the bound (failing names)
+    blocks: list[dict[str, Any]] | None = None  # per block of positions (long prompts): positions, rel_l2, floor, ratio
 
 
 @dataclass
@@ -150,7 +172,8 @@ class Comparison:
             "swapped": self.swapped,
             "only_in_a": self.only_in_a,
             "only_in_b": self.only_in_b,
-            "constants": {"floor_factor": FLOOR_FACTOR, "abs_term_ulps": ABS_TERM_ULPS, "pool_weight": POOL_WEIGHT, "tail_z": TAIL_Z},
+            "constants": {"floor_factor": FLOOR_FACTOR, "abs_term_ulps": ABS_TERM_ULPS, "pool_weight": POOL_WEIGHT, "tail_z": TAIL_Z,
+                          "block_positions": BLOCK_POSITIONS},
             "results": [_finite_json(asdict(r)) for r in self.results],
         }
 
@@ -177,45 +200,24 @@ def rel_l2(x: torch.Tensor, truth: torch.Tensor) -> float:
     return diff / norm
 
 
-def cosine(x: torch.Tensor, truth: torch.Tensor) -> float:
-    nx, nt = float(torch.linalg.vector_norm(x)), float(torch.linalg.vector_norm(truth))
-    if nx == 0.0 or nt == 0.0:
-        return 1.0 if nx == nt else 0.0
-    return float((x.flatten() @ truth.flatten()) / (nx * nt))
-
-
-def max_rel(x: torch.Tensor, truth: torch.Tensor) -> float:
-    nonzero = truth != 0
-    if not bool(nonzero.any()):
-        return 0.0 if bool((x == truth).all()) else math.inf
-    return float(((x - truth).abs()[nonzero] / truth.abs()[nonzero]).max())
-
-
-def _nonfinite_mismatch(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """Any NaN/Inf, on one side or on both: how many and where first; None when every value is finite.
-
-    Non-finite values on both sides are no agreement: a correct Llama forward has none at any canonical name, so
-    NaN weights or a float16 overflow are reported where they first appear, never compared as equal.
-    """
-    bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
-    bad = bad_a | bad_b
-    if not bool(bad.any()):
-        return None
-    where = tuple(bad.nonzero()[0].tolist())
-    n = int(bad.sum())
-    sides = "on both sides" if bool((bad_a == bad_b).all()) else ("in A only" if not bool(bad_b.any()) else "in B only" if not bool(bad_a.any()) else "on one side or both")
-    return f"{n} of {a.numel()} values non-finite {sides} (first at index {where}: A={float(a[where])}, B={float(b[where])})"
-
-
 def logits_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     """Per position: B's top-1 equals A's, overlap of the top-5 sets, KL(softmax(A) || softmax(B))."""
     a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # [T, V]
+    return _logits_summary(*_logits_rows(a, b), int(a[-1].argmax()), int(b[-1].argmax()))
+
+
+def _logits_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[list[bool], list[float], list[float]]:
+    """(top-1 agrees, top-5 overlap, KL) of each row of A and B [R, V]: a chunk of rows at a time."""
     k = min(5, a.shape[-1])
     top1 = (a.argmax(-1) == b.argmax(-1)).tolist()
-    top_a, top_b = a.topk(k, -1).indices, b.topk(k, -1).indices  # [T, k]
+    top_a, top_b = a.topk(k, -1).indices, b.topk(k, -1).indices  # [R, k]
     top5 = [len(set(x) & set(y)) / k for x, y in zip(top_a.tolist(), top_b.tolist())]
     log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).tolist()  # [T]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).tolist()  # [R]
+    return top1, top5, kl
+
+
+def _logits_summary(top1: list[bool], top5: list[float], kl: list[float], next_a: int, next_b: int) -> dict[str, Any]:
     return {
         "top1": top1,
         "top5": top5,
@@ -224,8 +226,8 @@ def logits_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
         "top5_rate": sum(top5) / len(top5),
         "kl_mean": sum(kl) / len(kl),
         "kl_max": max(kl),
-        "next_token_a": int(a[-1].argmax()),
-        "next_token_b": int(b[-1].argmax()),
+        "next_token_a": next_a,
+        "next_token_b": next_b,
     }
 
 
@@ -240,15 +242,18 @@ def _less_precise(*dtypes: str) -> str:
 def oracle_bound(floor: float, dtype: str, n: int) -> float:
     """The bound on rel_l2 of a name judged alone (its own group) whose reference rounded `n` values, with `floor`
     its reference's rel_l2: what `compare_tensors` computes without pooling."""
-    return FLOOR_FACTOR * small_sample_factor(n) * (floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype])
+    return FLOOR_FACTOR * small_sample_factor(n, n) * (floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype])
 
 
 def direct_bound(truth: torch.Tensor, dtype: str, rtol: float | None, atol: float | None) -> float:
     """`||B - A|| <= rtol ||A|| + atol sqrt(n)` as a bound on rel_l2 (inf-free: a zero A gives atol's share)."""
+    return _direct_bound(float(truth.double().pow(2).sum()), truth.numel(), dtype, rtol, atol)
+
+
+def _direct_bound(truth2: float, n: int, dtype: str, rtol: float | None, atol: float | None) -> float:
     rtol = DIRECT_RTOL[dtype] if rtol is None else rtol
     atol = DIRECT_ATOL[dtype] if atol is None else atol
-    norm = float(torch.linalg.vector_norm(truth))
-    absolute = atol * math.sqrt(truth.numel())
+    norm, absolute = math.sqrt(truth2), atol * math.sqrt(n)
     return rtol + (absolute / norm if norm > 0 else (math.inf if absolute > 0 else 0.0))
 
 
@@ -293,9 +298,16 @@ def effective_floor(own: Floor, group: Floor) -> float:
     return max(own.error_rms, shrunk)
 
 
-def small_sample_factor(n: int) -> float:
-    """How far above its RMS the error of `n` samples may lie by chance: 1 + TAIL_Z / sqrt(2 n) (chi_n's upper tail)."""
-    return 1.0 + TAIL_Z / math.sqrt(2 * max(n, 1))
+def small_sample_factor(n: int, n_floor: int | None = None) -> float:
+    """How far above its expectation an error RMS over `n` samples may lie by chance, relative to a floor measured on
+    `n_floor` samples (None: a known floor): 1 + TAIL_Z sqrt(1/(2 n) + 1/(2 n_floor)) (chi distributions' spread)."""
+    spread = 1 / (2 * max(n, 1)) + (0.0 if n_floor is None else 1 / (2 * max(n_floor, 1)))
+    return 1.0 + TAIL_Z * math.sqrt(spread)
+
+
+def _causal_keep(n_keys: int, query_positions: torch.Tensor) -> torch.Tensor:
+    """[R, K]: True where key j is at or before row r's query position (the causal part of scores)."""
+    return torch.arange(n_keys)[None, :] <= query_positions[:, None]
 
 
 def judged_part(name: str, *tensors: torch.Tensor, rows: list[int] | None = None) -> list[torch.Tensor]:
@@ -304,78 +316,284 @@ def judged_part(name: str, *tensors: torch.Tensor, rows: list[int] | None = None
     Real implementations record scores after the causal mask (-inf or the dtype's minimum above the diagonal), the
     harness's before it: zeroing above the diagonal on every side makes both recordings agree. A wrong mask still
     changes `probs`, which is judged whole. `rows`: the positions of the stored rows, when a long prompt's trace keeps
-    sampled rows only.
+    sampled rows only. A generation step's [T, K] scores are aligned bottom-right (its queries are the last T keys).
     """
     if canon.parse(name)[2] != "scores" or tensors[0].dim() != 2:
         return list(tensors)
     n_rows, n_keys = tensors[0].shape
-    positions = torch.tensor(rows) if rows is not None else torch.arange(n_rows)  # [R]: each row's query position
-    if rows is None and n_rows != n_keys:
-        return list(tensors)
-    upper = torch.arange(n_keys)[None, :] > positions[:, None]  # [R, T]: True after the query's own position
-    return [t.masked_fill(upper, 0.0) for t in tensors]
+    positions = torch.tensor(rows) if rows is not None else torch.arange(n_rows) + (n_keys - n_rows)  # [R]
+    keep = _causal_keep(n_keys, positions)
+    return [t.masked_fill(~keep, 0.0) for t in tensors]
+
+
+# ---- one name, streamed a chunk of rows at a time ---------------------------------------------------------------------
+
+
+@dataclass
+class Sums:
+    """Sums over some values of one name (all of it, a block of positions, or one row), added chunk by chunk: every
+    error, floor and bound comes from these, so no name is ever held whole in float64."""
+
+    n: int = 0  # finite values (on A, B and the truth)
+    n_rounded: int = 0  # of them, where the reference differs from the truth (the samples of its rounding)
+    ref_err2: float = 0.0  # sum of (A - truth)^2
+    err2: float = 0.0  # sum of (B - truth)^2
+    truth2: float = 0.0  # sum of truth^2
+
+    def add(self, other: Sums) -> None:
+        self.n, self.n_rounded = self.n + other.n, self.n_rounded + other.n_rounded
+        self.ref_err2, self.err2, self.truth2 = self.ref_err2 + other.ref_err2, self.err2 + other.err2, self.truth2 + other.truth2
+
+    def floor(self) -> Floor:
+        if self.n == 0:
+            return Floor(0.0, 0.0, 0)
+        return Floor(math.sqrt(self.ref_err2 / self.n), math.sqrt(self.truth2 / self.n), self.n, self.n_rounded)
+
+    def relative(self, sum_of_squares: float) -> float:
+        if self.truth2 == 0.0:
+            return 0.0 if sum_of_squares == 0.0 else math.inf
+        return math.sqrt(sum_of_squares / self.truth2)
+
+
+Reader = Callable[[int, int], torch.Tensor]  # rows [start, stop) of a tensor, as stored
+
+
+@dataclass
+class NameStats:
+    """Everything the verdict on one name needs, accumulated over its chunks: sums for the whole name, each block of
+    positions and each stored row; the largest errors; non-finite values; logits agreement."""
+
+    name: str
+    shape: tuple[int, ...]
+    positions: list[int] | None  # absolute position of each stored row; None: the name has no position axis
+    blocks: list[tuple[int, int]]  # stored-row ranges [start, stop) judged apart (one: the whole name)
+    has_oracle: bool
+    whole: Sums = field(default_factory=Sums)
+    block_sums: list[Sums] = field(default_factory=list)
+    row_err2: list[float] = field(default_factory=list)
+    row_n: list[int] = field(default_factory=list)
+    b2: float = 0.0
+    bt: float = 0.0
+    max_abs: float = 0.0
+    worst: tuple[float, int] | None = None  # (largest |B - truth|, flat index), non-finite as inf
+    max_rel: float = 0.0
+    truth_nonzero: bool = False
+    b_equals_truth: bool = True
+    n_bad: int = 0  # values non-finite on A or B
+    first_bad: str | None = None
+    bad_sides_equal: bool = True
+    bad_a: bool = False
+    bad_b: bool = False
+    logits: tuple[list, list, list] | None = None
+    next_tokens: tuple[int, int] | None = None
+
+    def add_chunk(self, block: int, row0: int, a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> None:
+        """Rows row0.. of the judged part of A, B and the truth (float64, same shape), all in block `block`."""
+        bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
+        if bool(bad_a.any() | bad_b.any()):
+            bad = bad_a | bad_b
+            if self.first_bad is None:
+                where = tuple(bad.nonzero()[0].tolist())
+                index = (where[0] + row0, *where[1:]) if where else where
+                self.first_bad = f"first at index {index}: A={float(a[where])}, B={float(b[where])}"
+            self.n_bad += int(bad.sum())
+            self.bad_sides_equal &= bool((bad_a == bad_b).all())
+            self.bad_a |= bool(bad_a.any())
+            self.bad_b |= bool(bad_b.any())
+        finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
+        zero = torch.zeros((), dtype=a.dtype)
+        ref_err = torch.where(finite, a - truth, zero)
+        err = torch.where(finite, b - truth, zero)
+        t = torch.where(finite, truth, zero)
+        rows = a.shape[0] if a.dim() else 1
+        per_row = lambda x: x.reshape(rows, -1).sum(-1)  # noqa: E731  [R]
+        row_err2, row_n = per_row(err.pow(2)), per_row(finite.to(torch.int64))
+        chunk = Sums(int(row_n.sum()), int((ref_err != 0).sum()), float(ref_err.pow(2).sum()), float(row_err2.sum()),
+                     float(t.pow(2).sum()))  # fmt: skip
+        self.whole.add(chunk)
+        self.block_sums[block].add(chunk)
+        if self.positions is not None:
+            self.row_err2 += row_err2.tolist()
+            self.row_n += row_n.tolist()
+        b_f = torch.where(finite, b, zero)
+        self.b2 += float(b_f.pow(2).sum())
+        self.bt += float((b_f * t).sum())
+        abs_err = err.abs()
+        if bool(finite.any()):
+            self.max_abs = max(self.max_abs, float(abs_err.max()))
+        nonzero = finite & (truth != 0)
+        if bool(nonzero.any()):
+            self.truth_nonzero = True
+            self.max_rel = max(self.max_rel, float((abs_err[nonzero] / truth[nonzero].abs()).max()))
+        self.b_equals_truth &= bool((err == 0).all())
+        ranked = torch.where(finite, abs_err, torch.full_like(abs_err, math.inf)) if not bool(finite.all()) else abs_err
+        if ranked.numel():
+            top = int(ranked.flatten().argmax())
+            value = float(ranked.flatten()[top])
+            if value > 0 and (self.worst is None or value > self.worst[0]):
+                self.worst = (value, top + row0 * (ranked.numel() // rows))
+
+    def add_logits(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Top-1/top-5/KL of rows of A and B (the reference side's logits, not the oracle's), chunk by chunk."""
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # [R, V]
+        top1, top5, kl = _logits_rows(a, b)
+        if self.logits is None:
+            self.logits = ([], [], [])
+        for kept, new in zip(self.logits, (top1, top5, kl)):
+            kept += new
+        self.next_tokens = (int(a[-1].argmax()), int(b[-1].argmax()))
+
+
+def name_positions(name: str, shape: tuple[int, ...], rows: list[int] | None, start: int = 0) -> list[int] | None:
+    """The absolute position of each stored row of `name` (a generation step's rows start at `start`, the cache's
+    at 0), or None when its first axis is not positions."""
+    axes = canon.axes(name)
+    if not shape or not axes or axes[0] not in ("T", "K") or len(axes) != len(shape):
+        return None
+    if axes[0] == "K":
+        return list(range(shape[0]))
+    return [start + r for r in (rows if rows is not None else range(shape[0]))]
+
+
+def position_blocks(positions: list[int] | None, n_rows: int) -> list[tuple[int, int]]:
+    """Stored-row ranges judged apart: BLOCK_POSITIONS positions each, at least MIN_BLOCK_ROWS rows, split evenly."""
+    if positions is None or n_rows < 2:
+        return [(0, max(n_rows, 1))]
+    span = positions[-1] - positions[0] + 1
+    n_blocks = max(1, min(span // BLOCK_POSITIONS, n_rows // MIN_BLOCK_ROWS))
+    bounds = [round(i * n_rows / n_blocks) for i in range(n_blocks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def accumulate(name: str, read_a: Reader, read_b: Reader, read_truth: Reader | None, shape: tuple[int, ...], *,
+               rows: list[int] | None = None, start: int = 0) -> NameStats:
+    """Stream one name: chunks of rows of A, B and the truth (the oracle, or A itself), judged part only."""
+    positions = name_positions(name, shape, rows, start)
+    n_rows = shape[0] if shape else 1
+    stats = NameStats(name, shape, positions, position_blocks(positions, n_rows), read_truth is not None)
+    stats.block_sums = [Sums() for _ in stats.blocks]
+    is_scores = canon.parse(name)[2] == "scores" and len(shape) == 2
+    is_logits = canon.parse(name)[2] == "logits" and len(shape) >= 1
+    full_rows = (rows[-1] + 1) if rows is not None else n_rows  # a [T, T] tensor's T, when rows are sampled
+    row_elements = max(1, math.prod(shape[1:])) if shape else 1
+    step = max(1, CHUNK_ELEMENTS // row_elements)
+    for block, (lo, hi) in enumerate(stats.blocks):
+        for r0 in range(lo, hi, step):
+            r1 = min(hi, r0 + step)
+            a, b = read_a(r0, r1).double(), read_b(r0, r1).double()
+            truth = read_truth(r0, r1).double() if read_truth is not None else a
+            if is_logits:
+                stats.add_logits(a, b)
+            if is_scores:
+                query = torch.tensor(rows[r0:r1]) if rows is not None else torch.arange(r0, r1) + (shape[1] - full_rows)
+                keep = _causal_keep(shape[1], query)  # [R, K]
+                a, b, truth = (x.masked_fill(~keep, 0.0) for x in (a, b, truth))
+            stats.add_chunk(block, r0, a, b, truth)
+    return stats
+
+
+def _reader(tensor: torch.Tensor) -> Reader:
+    return (lambda r0, r1: tensor[r0:r1]) if tensor.dim() else (lambda r0, r1: tensor)
+
+
+# ---- the verdict on one name --------------------------------------------------------------------------------------------
+
+
+def _oracle_allowance(own: Floor, group: Floor, dtype: str, pooled_with: bool) -> tuple[float, float]:
+    """(largest ||B - oracle|| allowed, floor per element) under the oracle rule, `own` pooled with `group`."""
+    floor = effective_floor(own, group)
+    per_element = floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype] * max(own.truth_rms, group.truth_rms)
+    tail = small_sample_factor(own.n_rounded, own.n_rounded + (POOL_WEIGHT if pooled_with else 0))
+    return FLOOR_FACTOR * tail * per_element * math.sqrt(own.n), floor
+
+
+def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None = None, rtol: float | None = None,
+          atol: float | None = None) -> NameResult:
+    """The verdict on one streamed name: against the oracle (its floor pooled with `group`) or A's fixed bound; then
+    every block of positions alike. Passes when the whole name and each block do."""
+    name, whole = stats.name, stats.whole
+    dtype = _less_precise(dtype_a, dtype_b)
+    distance, norm = math.sqrt(whole.err2), math.sqrt(whole.truth2)
+    floor = effective = None
+    if stats.has_oracle:
+        own = whole.floor()
+        allowed, per_element = _oracle_allowance(own, group or own, dtype, group is not None)
+        floor = whole.relative(whole.ref_err2)
+        effective = per_element * math.sqrt(own.n) / norm if norm > 0 else None
+        name_floor = dataclasses.replace(own, error_rms=per_element)
+
+        def allowance(s: Sums) -> float:
+            return _oracle_allowance(s.floor(), name_floor, dtype, True)[0]
+    else:
+        allowed = _direct_bound(whole.truth2, whole.n, dtype, rtol, atol) * norm
+
+        def allowance(s: Sums) -> float:
+            return _direct_bound(s.truth2, s.n, dtype, rtol, atol) * math.sqrt(s.truth2)
+
+    ratio_of = lambda d, limit: d / limit if limit > 0 else (0.0 if d == 0 else math.inf)  # noqa: E731
+    ratio = ratio_of(distance, allowed)
+    bound = allowed / norm if norm > 0 else math.inf
+    passed = distance <= allowed
+    blocks, first_failing = None, None
+    if len(stats.blocks) > 1:
+        blocks = []
+        for (lo, hi), s in zip(stats.blocks, stats.block_sums):
+            limit = allowance(s)
+            block_ratio = ratio_of(math.sqrt(s.err2), limit)
+            if block_ratio > 1 and first_failing is None:
+                first_failing = _first_row_over(stats, lo, hi, limit / math.sqrt(max(s.n, 1)))
+            blocks.append({"positions": [stats.positions[lo], stats.positions[hi - 1]], "rel_l2": s.relative(s.err2),
+                           "floor": s.relative(s.ref_err2) if stats.has_oracle else None, "ratio": block_ratio})  # fmt: skip
+        ratio = max([ratio] + [blk["ratio"] for blk in blocks])
+        passed = passed and all(blk["ratio"] <= 1 for blk in blocks)
+    nonfinite = None
+    if stats.n_bad:
+        sides = ("on both sides" if stats.bad_sides_equal else "in A only" if not stats.bad_b else
+                 "in B only" if not stats.bad_a else "on one side or both")  # fmt: skip
+        nonfinite = f"{stats.n_bad} of {math.prod(stats.shape)} values non-finite {sides} ({stats.first_bad})"
+        passed, ratio = False, math.inf
+    worst = None
+    if stats.worst is not None and stats.positions is not None:
+        worst = stats.positions[stats.worst[1] // max(1, math.prod(stats.shape[1:]))]
+    if not passed and first_failing is None:
+        first_failing = worst
+    layer, head, _ = canon.parse(name)
+    cos = 1.0 if (stats.b2 == 0 or whole.truth2 == 0) and stats.b2 == whole.truth2 else (
+        0.0 if stats.b2 == 0 or whole.truth2 == 0 else stats.bt / math.sqrt(stats.b2 * whole.truth2))  # fmt: skip
+    max_relative = stats.max_rel if stats.truth_nonzero else (0.0 if stats.b_equals_truth else math.inf)
+    logits = None
+    if stats.logits is not None and nonfinite is None:
+        logits = _logits_summary(*stats.logits, *stats.next_tokens)
+    return NameResult(
+        name=name, passed=passed, max_abs=stats.max_abs, max_rel=max_relative, rel_l2=whole.relative(whole.err2),
+        cosine=cos, ratio=ratio, bound=bound, against="oracle" if stats.has_oracle else "A", floor=floor,
+        floor_ratio=ratio * FLOOR_FACTOR if stats.has_oracle else None, dtype_a=dtype_a, dtype_b=dtype_b, layer=layer,
+        head=head, worst_position=worst, nonfinite=nonfinite, logits=logits, pooled_floor=effective,
+        first_failing_position=first_failing if not passed else None, blocks=blocks,
+    )  # fmt: skip
+
+
+def _first_row_over(stats: NameStats, lo: int, hi: int, per_element: float) -> int:
+    """The position of the first stored row in [lo, hi) whose error RMS exceeds `per_element` (else the block's first)."""
+    for r in range(lo, hi):
+        if stats.row_n[r] and math.sqrt(stats.row_err2[r] / stats.row_n[r]) > per_element:
+            return stats.positions[r]
+    return stats.positions[lo]
 
 
 def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, oracle: torch.Tensor | None = None,
                     dtype_a: str = "float32", dtype_b: str = "float32", rtol: float | None = None,
-                    atol: float | None = None, group: Floor | None = None, rows: list[int] | None = None) -> NameResult:
-    """One name: B against the oracle (when given, with A's floor, pooled with `group`'s) or against A.
+                    atol: float | None = None, group: Floor | None = None, rows: list[int] | None = None,
+                    start: int = 0) -> NameResult:
+    """One name in memory: B against the oracle (when given, with A's floor, pooled with `group`'s) or against A.
 
     `group`: the pooled floor of the name's group (its layer's heads for a per-head name); by default the name alone.
-    `rows`: the positions of the stored rows, when the traces keep sampled rows of a long prompt's [T, T] tensor.
+    `rows`: the positions of the stored rows, when the traces keep sampled rows of a long prompt's [T, T] tensor;
+    `start`: the position of the first row (a generation step's).
     """
-    a, b = a.double(), b.double()
-    oracle = oracle.double() if oracle is not None else None
-    a, b, *rest = judged_part(name, a, b, *([oracle] if oracle is not None else []), rows=rows)
-    oracle = rest[0] if rest else None
-    layer, head, _ = canon.parse(name)
-    dtype = _less_precise(dtype_a, dtype_b)
-    nonfinite = _nonfinite_mismatch(a, b)
-    truth = oracle if oracle is not None else a
-    finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
-    a_f, b_f, t_f = a[finite], b[finite], truth[finite]
-    error = rel_l2(b_f, t_f)
-    floor = floor_ratio = effective = None
-    if oracle is not None:
-        own = floor_of(a_f, t_f)
-        floor = rel_l2(a_f, t_f)
-        allowed, effective = _oracle_allowance(own, group or own, dtype)  # on ||B - oracle||
-        distance = float(torch.linalg.vector_norm(b_f - t_f))
-        norm = float(torch.linalg.vector_norm(t_f))
-        ratio = distance / allowed if allowed > 0 else (0.0 if distance == 0 else math.inf)
-        bound = allowed / norm if norm > 0 else math.inf
-        floor_ratio = ratio * FLOOR_FACTOR
-        passed_bound = distance <= allowed
-    else:
-        bound = direct_bound(t_f, dtype, rtol, atol)
-        ratio = error / bound if bound > 0 else (0.0 if error == 0 else math.inf)
-        passed_bound = error <= bound
-    passed = nonfinite is None and passed_bound
-    if nonfinite is not None:
-        ratio = math.inf
-    abs_err = torch.where(finite, (b - truth).abs(), torch.zeros_like(b))
-    abs_err = torch.where(finite, abs_err, torch.full_like(b, math.inf)) if nonfinite else abs_err
-    worst = None
-    axes = canon.axes(name)
-    if abs_err.numel() and axes and axes[0] == "T" and abs_err.dim() == len(axes) and float(abs_err.max()) > 0:
-        worst = int(torch.unravel_index(abs_err.argmax(), abs_err.shape)[0])
-        worst = rows[worst] if rows is not None else worst
-    return NameResult(
-        name=name, passed=passed, max_abs=float(abs_err[finite].max()) if bool(finite.any()) else 0.0,
-        max_rel=max_rel(b_f, t_f), rel_l2=error, cosine=cosine(b_f, t_f), ratio=ratio, bound=bound,
-        against="oracle" if oracle is not None else "A", floor=floor, floor_ratio=floor_ratio, dtype_a=dtype_a,
-        dtype_b=dtype_b, layer=layer, head=head, worst_position=worst, nonfinite=nonfinite,
-        logits=logits_metrics(a, b) if name == "logits" and nonfinite is None and a.dim() >= 1 else None,
-        pooled_floor=effective,
-    )  # fmt: skip
-
-
-def _oracle_allowance(own: Floor, group: Floor, dtype: str) -> tuple[float, float | None]:
-    """(largest ||B - oracle|| allowed, effective floor as a relative L2) under the oracle rule."""
-    per_element = effective_floor(own, group) + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype] * max(own.truth_rms, group.truth_rms)
-    truth_norm = own.truth_rms * math.sqrt(own.n)
-    effective = effective_floor(own, group) * math.sqrt(own.n) / truth_norm if truth_norm > 0 else None
-    return FLOOR_FACTOR * small_sample_factor(own.n_rounded) * per_element * math.sqrt(own.n), effective
+    stats = accumulate(name, _reader(a), _reader(b), _reader(oracle) if oracle is not None else None, tuple(a.shape),
+                       rows=rows, start=start)  # fmt: skip
+    return judge(stats, dtype_a=dtype_a, dtype_b=dtype_b, group=group, rtol=rtol, atol=atol)
 
 
 # ---- two traces -------------------------------------------------------------------------------------------------------
@@ -423,30 +641,63 @@ def _group_of(name: str) -> str:
     return ("" if step is None else f"steps.{step}.") + f"layers.{layer}.attention.heads.*.{part}"
 
 
-def group_floors(ref: Trace, names: list[str]) -> dict[str, Floor]:
-    """The floor each per-head name of `names` is pooled with: its layer's heads' pooled floor, and for `probs` and
-    `output` at least the floor its head's `scores` (and `v`) floors imply (`propagated_floor`). Reads the reference
-    and its oracle; names without an oracle get none."""
-    heads = [n for n in names if _group_of(n) != n and ORACLE_PREFIX + n in ref]
-    own = {}
-    for name in heads:
-        a, truth = judged_part(name, ref[name].double(), ref[ORACLE_PREFIX + name].double(), rows=ref.rows(name))
-        own[name] = floor_of(a, truth)
+def _step_starts(trace: Trace, names: list[str]) -> dict[int, int]:
+    """The position of each generation step's first token: step 0 (the prefill) at 0, decode step s at P + s - 1."""
+    steps = {s for s in (canon.split_step(n)[0] for n in names) if s is not None}
+    if not steps:
+        return {}
+    n_tokens = len(trace.tokens) if "tokens" in trace else None
+    generate = trace.attrs.get("generate")
+    n_decoded = int(generate) if isinstance(generate, int) else max(steps)
+    prompt = n_tokens - n_decoded if n_tokens is not None else None
+    return {s: 0 if s == 0 or prompt is None else prompt + s - 1 for s in steps}
+
+
+def _heads_sibling(name: str, part: str) -> str:
+    """The same head's `part` in the same step: 'steps.2.layers.0.attention.heads.3.probs', 'v' -> '...heads.3.v'."""
+    step, base = canon.split_step(name)
+    layer, head, _ = canon.parse(base)
+    sibling = canon.head_name(layer, head, part)
+    return sibling if step is None else canon.step_name(step, sibling)
+
+
+def group_floors(ref: Trace, stats: dict[str, NameStats]) -> dict[str, Floor]:
+    """The floor each per-head name is pooled with: its layer's heads' pooled floor, and for `probs` and `output` at
+    least the floor its head's `scores` (and `v`, or in a decode step the cache's values) imply (`propagated_floor`,
+    streamed over the oracle's probs). Names without an oracle get none."""
+    heads = [n for n, s in stats.items() if _group_of(n) != n and s.has_oracle]
+    own = {name: stats[name].whole.floor() for name in heads}
     members: dict[str, list[Floor]] = {}
     for name in heads:
         members.setdefault(_group_of(name), []).append(own[name])
     pools = {group: pooled(floors) for group, floors in members.items()}
     out = {name: pools[_group_of(name)] for name in heads}
     for name in heads:
-        layer, head, part = canon.parse(name)
-        scores, v = canon.head_name(layer, head, "scores"), canon.head_name(layer, head, "v")
-        if part in ("probs", "output") and scores in own and v in own:
-            floor_s = effective_floor(own[scores], pools[_group_of(scores)])
-            floor_v = effective_floor(own[v], pools[_group_of(v)])
-            probs = ref[ORACLE_PREFIX + canon.head_name(layer, head, "probs")].double()
-            model = propagated_floor(part, probs, ref[ORACLE_PREFIX + v].double(), floor_s, floor_v)
-            out[name] = dataclasses.replace(out[name], error_rms=max(out[name].error_rms, model))
+        part = canon.parse(name)[2]
+        probs, scores = _heads_sibling(name, "probs"), _heads_sibling(name, "scores")
+        if part not in ("probs", "output") or scores not in own or ORACLE_PREFIX + probs not in ref:
+            continue
+        keys = ref.shape(probs)[-1]
+        values = next((n for n in (_heads_sibling(name, "v"), _heads_sibling(name, "cache_v"))
+                       if n in own and ref.shape(n)[0] == keys), None)  # fmt: skip
+        if values is None:
+            continue
+        floor_s = effective_floor(own[scores], pools[_group_of(scores)])
+        floor_v = effective_floor(own[values], pools[_group_of(values)])
+        v = ref[ORACLE_PREFIX + values].double()  # [K, hd]
+        model = _streamed_propagation(part, ref, ORACLE_PREFIX + probs, v, floor_s, floor_v)
+        out[name] = dataclasses.replace(out[name], error_rms=max(out[name].error_rms, model))
     return out
+
+
+def _streamed_propagation(part: str, ref: Trace, probs_name: str, v: torch.Tensor, floor_s: float, floor_v: float) -> float:
+    n_rows, n_keys = ref.shape(probs_name)
+    step = max(1, CHUNK_ELEMENTS // max(1, n_keys))
+    total, count = 0.0, 0
+    for r0 in range(0, n_rows, step):
+        s, c = _propagation_sums(part, ref.read_rows(probs_name, r0, min(n_rows, r0 + step)).double(), v, floor_s, floor_v)
+        total, count = total + s, count + c
+    return math.sqrt(total / count) if count else 0.0
 
 
 def propagated_floor(part: str, probs: torch.Tensor, v: torch.Tensor, floor_scores: float, floor_v: float) -> float:
@@ -457,14 +708,21 @@ def propagated_floor(part: str, probs: torch.Tensor, v: torch.Tensor, floor_scor
     Output o_i = sum_j p_ij v_j: do_i = sum_j p_ij ds_ij (v_j - o_i) + sum_j p_ij dv_j, so
     E |do_i|^2 = fs^2 sum_j p_ij^2 |v_j - o_i|^2 + fv^2 hd sum_j p_ij^2.
     """
-    p2 = probs.pow(2)  # [T, T]
+    total, count = _propagation_sums(part, probs, v, floor_scores, floor_v)
+    return math.sqrt(total / count) if count else 0.0
+
+
+def _propagation_sums(part: str, probs: torch.Tensor, v: torch.Tensor, fs: float, fv: float) -> tuple[float, int]:
+    """(sum of the expected squared errors, how many values) over rows of probs [R, K] (v [K, hd])."""
+    p2 = probs.pow(2)  # [R, K]
     if part == "probs":
-        expected = p2 * (1 - 2 * probs + p2.sum(-1, keepdim=True))  # [T, T]
-        return floor_scores * float(expected.clamp_min(0).mean().sqrt())
-    out = probs @ v  # [T, hd]
-    spread = (v[None, :, :] - out[:, None, :]).pow(2).sum(-1)  # [T, T]: |v_j - o_i|^2
-    per_row = floor_scores**2 * (p2 * spread).sum(-1) + floor_v**2 * v.shape[-1] * p2.sum(-1)  # [T]
-    return math.sqrt(float(per_row.sum()) / out.numel())
+        expected = p2 * (1 - 2 * probs + p2.sum(-1, keepdim=True))  # [R, K]
+        return fs**2 * float(expected.clamp_min(0).sum()), probs.numel()
+    out = probs @ v  # [R, hd]
+    # sum_j p_ij^2 |v_j - o_i|^2, expanded: no [R, K, hd] temporary at long prompts
+    spread = p2 @ v.pow(2).sum(-1) - 2 * ((p2 @ v) * out).sum(-1) + p2.sum(-1) * out.pow(2).sum(-1)  # [R]
+    per_row = fs**2 * spread.clamp_min(0) + fv**2 * v.shape[-1] * p2.sum(-1)  # [R]
+    return float(per_row.sum()), out.numel()
 
 
 def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol: float | None = None,
@@ -473,7 +731,7 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol
 
     Calibrated against A's oracle when it has one (B's, when only B has one: then B is the reference side and the
     Comparison names it as A); `rtol`/`atol` force the fixed direct bound instead. `token_text(id)` turns the worst
-    positions into text.
+    positions into text. Each name is streamed a chunk of rows at a time (`accumulate`), then judged (`judge`).
     """
     with load_trace(path_a) as a, load_trace(path_b) as b:
         common = [n for n in a.names if n in b and n != "tokens"]
@@ -486,14 +744,17 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol
             raise HarnessError(f"traces ran in different dtypes ({a.path}: {da}, {b.path}: {db}); without a float64 oracle "
                                f"there is no common bound: compare runs of one dtype, or a reference trace with its oracle")  # fmt: skip
         oracles = set(ref.extra_names) if use_oracle else set()
-        groups = group_floors(ref, common) if use_oracle else {}
-        run_ref, run_impl = ref.attrs.get("dtype"), impl.attrs.get("dtype")
-        results = []
+        starts = _step_starts(ref, common)
+        stats = {}
         for name in common:
-            oracle = ref[ORACLE_PREFIX + name] if ORACLE_PREFIX + name in oracles else None
-            results.append(compare_tensors(name, ref[name], impl[name], oracle=oracle, dtype_a=_dtype_of(ref, run_ref, name),
-                                           dtype_b=_dtype_of(impl, run_impl, name), rtol=rtol, atol=atol,
-                                           group=groups.get(name), rows=ref.rows(name)))  # fmt: skip
+            truth = ORACLE_PREFIX + name if ORACLE_PREFIX + name in oracles else None
+            read = lambda trace, n: lambda r0, r1: trace.read_rows(n, r0, r1)  # noqa: E731
+            stats[name] = accumulate(name, read(ref, name), read(impl, name), read(ref, truth) if truth else None,
+                                     ref.shape(name), rows=ref.rows(name), start=starts.get(canon.split_step(name)[0], 0))  # fmt: skip
+        groups = group_floors(ref, stats) if use_oracle else {}
+        run_ref, run_impl = ref.attrs.get("dtype"), impl.attrs.get("dtype")
+        results = [judge(stats[name], dtype_a=_dtype_of(ref, run_ref, name), dtype_b=_dtype_of(impl, run_impl, name),
+                         group=groups.get(name), rtol=rtol, atol=atol) for name in common]  # fmt: skip
         tokens = a.tokens if "tokens" in a else (b.tokens if "tokens" in b else None)
         if tokens is None and isinstance(a.attrs.get("tokens"), list):
             tokens = [int(t) for t in a.attrs["tokens"]]

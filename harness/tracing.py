@@ -314,6 +314,14 @@ class Trace:
         except OSError as e:
             raise HarnessError(f"{self.path}: cannot read {name!r} ({e})") from None
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor as stored (a 0-d tensor whole): what a streaming reader asks for."""
+        ds = self._dataset(name)
+        try:
+            return torch.from_numpy(ds[()] if ds.ndim == 0 else ds[start:stop])
+        except OSError as e:
+            raise HarnessError(f"{self.path}: cannot read {name!r} ({e})") from None
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape (sampled rows only, for a long [T, T] tensor: see `rows`)."""
         return tuple(self._dataset(name).shape)

@@ -14,7 +14,7 @@ import torch
 
 from harness import record, tracing
 from harness.cli import main
-from harness.compare import (ABS_TERM_ULPS, DIRECT_RTOL, FLOOR_FACTOR, ORACLE_PREFIX, UNIT_ROUNDOFF, compare_traces,
+from harness.compare import (ABS_TERM_ULPS, BLOCK_POSITIONS, DIRECT_RTOL, FLOOR_FACTOR, ORACLE_PREFIX, UNIT_ROUNDOFF, compare_traces,
                              oracle_bound, small_sample_factor)  # fmt: skip
 from harness.checkpoint import open_checkpoint
 
@@ -96,7 +96,7 @@ def test_the_oracle_rule_passes_the_reference_rounding_and_fails_ten_times_it(tm
     good = write_trace(tmp_path / "good.h5", {"layers.0.output": noisy(oracle, 0.012, 4)}, dtype="bfloat16")
     bad = write_trace(tmp_path / "bad.h5", {"layers.0.output": noisy(oracle, 0.10, 5)}, dtype="bfloat16")
     ok, wrong = compare_traces(a, good).results[0], compare_traces(a, bad).results[0]
-    tail = small_sample_factor(T * 64)  # a non-head name is its own group: its own floor, and the small-sample tail
+    tail = small_sample_factor(T * 64, T * 64)  # a non-head name is its own group: B's values and the floor's alike
     expected_bound = FLOOR_FACTOR * tail * (0.01 + ABS_TERM_ULPS * UNIT_ROUNDOFF["bfloat16"])
     assert oracle_bound(0.01, "bfloat16", T * 64) == pytest.approx(expected_bound)
     assert ok.against == "oracle" and ok.floor == pytest.approx(0.01, rel=1e-6), ok
@@ -282,3 +282,80 @@ def test_sampled_rows_of_a_long_prompt_are_judged_at_their_positions(tmp_path):
     assert good.passed and good.nonfinite is None, good
     bad = compare_traces(paths["ref"], paths["wrong"]).result(name)
     assert not bad.passed and bad.worst_position == rows[40], bad
+
+
+# ---- long prompts: streamed, and judged per block of positions ---------------------------------------------------------
+
+LONG = 4096
+Q = "layers.0.attention.heads.0.q_rotated"
+
+
+def _long_traces(tmp_path: Path, b_noise: torch.Tensor) -> tuple[Path, Path]:
+    """A reference with a 1% floor against its oracle [LONG, 16], and B = oracle + noise of relative size b_noise[t] at
+    position t (bfloat16 runs, as a long-prompt verify would record)."""
+    g = torch.Generator().manual_seed(7)
+    oracle = torch.randn(LONG, 16, generator=g, dtype=torch.float64)
+    a = oracle + 0.01 * torch.randn(LONG, 16, generator=g, dtype=torch.float64)
+    b = oracle + b_noise[:, None] * torch.randn(LONG, 16, generator=g, dtype=torch.float64)
+    tokens = list(range(LONG))
+    ref = write_trace(tmp_path / "ref.h5", {Q: a, ORACLE_PREFIX + Q: oracle}, tokens=tokens, dtype="bfloat16")
+    return ref, write_trace(tmp_path / "b.h5", {Q: b}, tokens=tokens, dtype="bfloat16")
+
+
+def test_an_error_growing_late_in_a_long_prompt_fails_at_its_first_position(tmp_path):
+    """20x the floor from position 3900 on: diluted over 4096 positions it is under the whole-tensor bound, but the
+    last block of positions fails, and the name reports 3900 as its first failing position."""
+    noise = torch.full((LONG,), 0.01, dtype=torch.float64)
+    noise[3900:] = 0.2
+    r = compare_traces(*_long_traces(tmp_path, noise)).result(Q)
+    whole_ratio = r.rel_l2 / r.bound
+    assert whole_ratio < 1, f"the whole-tensor rule alone passes this bug ({whole_ratio:.3g}): the test needs that"
+    assert not r.passed and r.ratio > 3, r
+    assert r.first_failing_position == 3900, r.first_failing_position
+    assert len(r.blocks) == LONG // BLOCK_POSITIONS and r.blocks[-1]["positions"] == [LONG - BLOCK_POSITIONS, LONG - 1]
+    assert all(blk["ratio"] < 0.5 for blk in r.blocks[:-1]) and r.blocks[-1]["ratio"] == pytest.approx(r.ratio)
+
+
+def test_a_correct_long_prompt_passes_in_every_block(tmp_path):
+    r = compare_traces(*_long_traces(tmp_path, torch.full((LONG,), 0.012, dtype=torch.float64))).result(Q)
+    assert r.passed and r.first_failing_position is None, r
+    assert len(r.blocks) == LONG // BLOCK_POSITIONS and max(blk["ratio"] for blk in r.blocks) < 0.5, r.blocks
+
+
+def test_a_short_prompt_is_one_block(tmp_path, base):
+    """Up to 2 x BLOCK_POSITIONS - 1 positions a name is judged whole, as the rule was measured on short prompts."""
+    a = write_trace(tmp_path / "a.h5", base)
+    assert all(r.blocks is None for r in compare_traces(a, a).results)
+
+
+def test_compare_reads_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
+    """No read asks for more than CHUNK_ELEMENTS values, and the verdict does not depend on the chunk size."""
+    from harness import compare as compare_module
+    from harness.tracing import Trace
+
+    paths = _long_traces(tmp_path, torch.full((LONG,), 0.012, dtype=torch.float64))
+    whole = compare_traces(*paths).result(Q)
+    sizes = []
+    read_rows = Trace.read_rows
+
+    def spy(self, name, start, stop):
+        out = read_rows(self, name, start, stop)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(Trace, "read_rows", spy)
+    monkeypatch.setattr(compare_module, "CHUNK_ELEMENTS", 1000)
+    chunked = compare_traces(*paths).result(Q)
+    assert max(sizes) <= 1000 and len(sizes) > 3 * LONG * 16 // 1000, (max(sizes), len(sizes))
+    assert chunked.rel_l2 == pytest.approx(whole.rel_l2, rel=1e-12) and chunked.ratio == pytest.approx(whole.ratio, rel=1e-12)
+
+
+def test_a_decode_step_reports_its_absolute_position(tmp_path):
+    """steps.2.X of a 5-token prompt with 3 decoded tokens sits at position 5 + 2 - 1 = 6 (its token's)."""
+    x = torch.randn(1, 16, dtype=torch.float64)
+    name = "steps.2.layers.0.output"
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    a = write_trace(tmp_path / "a.h5", {name: x}, tokens=tokens, generate=3)
+    b = write_trace(tmp_path / "b.h5", {name: x * 1.5}, tokens=tokens, generate=3)
+    r = compare_traces(a, b).result(name)
+    assert not r.passed and r.worst_position == 6 and r.first_failing_position == 6, r
