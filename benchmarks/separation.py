@@ -36,7 +36,7 @@ from harness.runner import trace_scratch  # noqa: E402
 from harness.tiny import CORPUS, make_tiny_meta  # noqa: E402
 from harness.tokenizer import load_tokenizer  # noqa: E402
 
-SHORT_PROMPTS = {1: "", 2: "a", 3: "the", 4: "the answer"}  # the issue's false alarms (tokens with the tiny BPE)
+SHORT_PROMPTS = {1: "", 2: "a", 3: "a b", 4: "the answer is"}  # 1-4 tokens with BOS (the tiny BPE: "the" is one token)
 
 
 # ---- implementations with other legitimate precision choices (each real code makes) --------------------------------
@@ -102,9 +102,11 @@ def _patched(patches, dtype: torch.dtype | None):
 
 def prompt_of_length(tokenizer_path: Path, n: int) -> str:
     """A prompt of about `n` tokens (BOS included): the issue's short prompts, else a prefix of the tiny corpus."""
-    if n in SHORT_PROMPTS:
-        return SHORT_PROMPTS[n]
     enc = load_tokenizer(tokenizer_path)
+    if n in SHORT_PROMPTS:
+        prompt = SHORT_PROMPTS[n]
+        assert len(enc.encode(prompt)) == n - 1, f"{prompt!r} is not {n - 1} tokens with this tokenizer"
+        return prompt
     text = CORPUS.read_text(encoding="utf-8")
     ids = enc.encode(text * (1 + 2 * n // max(1, len(enc.encode(text)))))[: n - 1]
     return enc.decode(ids)

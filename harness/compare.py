@@ -10,7 +10,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,8 +332,8 @@ def judged_part(name: str, *tensors: torch.Tensor, rows: list[int] | None = None
 
 @dataclass
 class Sums:
-    """Sums over some values of one name (all of it, a block of positions, or one row), added chunk by chunk: every
-    error, floor and bound comes from these, so no name is ever held whole in float64."""
+    """Sums over some values of one name (all of it, or a block of positions): every error, floor and bound comes
+    from these."""
 
     n: int = 0  # finite values (on A, B and the truth)
     n_rounded: int = 0  # of them, where the reference differs from the truth (the samples of its rounding)
@@ -340,9 +341,11 @@ class Sums:
     err2: float = 0.0  # sum of (B - truth)^2
     truth2: float = 0.0  # sum of truth^2
 
-    def add(self, other: Sums) -> None:
-        self.n, self.n_rounded = self.n + other.n, self.n_rounded + other.n_rounded
-        self.ref_err2, self.err2, self.truth2 = self.ref_err2 + other.ref_err2, self.err2 + other.err2, self.truth2 + other.truth2
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor) -> Sums:
+        """From per-row sums [R, 5] (n, n_rounded, ref_err2, err2, truth2), added up."""
+        n, n_rounded, ref_err2, err2, truth2 = rows.sum(0).tolist()
+        return cls(int(n), int(n_rounded), ref_err2, err2, truth2)
 
     def floor(self) -> Floor:
         if self.n == 0:
@@ -360,18 +363,15 @@ Reader = Callable[[int, int], torch.Tensor]  # rows [start, stop) of a tensor, a
 
 @dataclass
 class NameStats:
-    """Everything the verdict on one name needs, accumulated over its chunks: sums for the whole name, each block of
-    positions and each stored row; the largest errors; non-finite values; logits agreement."""
+    """Everything the verdict on one name needs, accumulated a chunk of rows at a time: per-row sums (the whole name's
+    and each block's are their totals), the largest errors, non-finite values, logits agreement. No tensor is kept."""
 
     name: str
     shape: tuple[int, ...]
     positions: list[int] | None  # absolute position of each stored row; None: the name has no position axis
     blocks: list[tuple[int, int]]  # stored-row ranges [start, stop) judged apart (one: the whole name)
     has_oracle: bool
-    whole: Sums = field(default_factory=Sums)
-    block_sums: list[Sums] = field(default_factory=list)
-    row_err2: list[float] = field(default_factory=list)
-    row_n: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)  # per chunk: [R, 5] sums of each row (see Sums.of_rows)
     b2: float = 0.0
     bt: float = 0.0
     max_abs: float = 0.0
@@ -387,8 +387,11 @@ class NameStats:
     logits: tuple[list, list, list] | None = None
     next_tokens: tuple[int, int] | None = None
 
-    def add_chunk(self, block: int, row0: int, a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> None:
-        """Rows row0.. of the judged part of A, B and the truth (float64, same shape), all in block `block`."""
+    def row_sums(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.zeros(1, 5, dtype=torch.float64)  # [R, 5]
+
+    def add_chunk(self, row0: int, a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> None:
+        """Rows row0.. of the judged part of A, B and the truth (float64, same shape)."""
         bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
         if bool(bad_a.any() | bad_b.any()):
             bad = bad_a | bad_b
@@ -405,16 +408,9 @@ class NameStats:
         ref_err = torch.where(finite, a - truth, zero)
         err = torch.where(finite, b - truth, zero)
         t = torch.where(finite, truth, zero)
-        rows = a.shape[0] if a.dim() else 1
-        per_row = lambda x: x.reshape(rows, -1).sum(-1)  # noqa: E731  [R]
-        row_err2, row_n = per_row(err.pow(2)), per_row(finite.to(torch.int64))
-        chunk = Sums(int(row_n.sum()), int((ref_err != 0).sum()), float(ref_err.pow(2).sum()), float(row_err2.sum()),
-                     float(t.pow(2).sum()))  # fmt: skip
-        self.whole.add(chunk)
-        self.block_sums[block].add(chunk)
-        if self.positions is not None:
-            self.row_err2 += row_err2.tolist()
-            self.row_n += row_n.tolist()
+        n_rows = a.shape[0] if a.dim() else 1
+        parts = (finite.double(), (ref_err != 0).double(), ref_err.pow(2), err.pow(2), t.pow(2))
+        self.rows.append(torch.stack([x.reshape(n_rows, -1).sum(-1) for x in parts], -1))  # [R, 5]
         b_f = torch.where(finite, b, zero)
         self.b2 += float(b_f.pow(2).sum())
         self.bt += float((b_f * t).sum())
@@ -431,7 +427,7 @@ class NameStats:
             top = int(ranked.flatten().argmax())
             value = float(ranked.flatten()[top])
             if value > 0 and (self.worst is None or value > self.worst[0]):
-                self.worst = (value, top + row0 * (ranked.numel() // rows))
+                self.worst = (value, top + row0 * (ranked.numel() // n_rows))
 
     def add_logits(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Top-1/top-5/KL of rows of A and B (the reference side's logits, not the oracle's), chunk by chunk."""
@@ -471,24 +467,22 @@ def accumulate(name: str, read_a: Reader, read_b: Reader, read_truth: Reader | N
     positions = name_positions(name, shape, rows, start)
     n_rows = shape[0] if shape else 1
     stats = NameStats(name, shape, positions, position_blocks(positions, n_rows), read_truth is not None)
-    stats.block_sums = [Sums() for _ in stats.blocks]
     is_scores = canon.parse(name)[2] == "scores" and len(shape) == 2
     is_logits = canon.parse(name)[2] == "logits" and len(shape) >= 1
     full_rows = (rows[-1] + 1) if rows is not None else n_rows  # a [T, T] tensor's T, when rows are sampled
     row_elements = max(1, math.prod(shape[1:])) if shape else 1
     step = max(1, CHUNK_ELEMENTS // row_elements)
-    for block, (lo, hi) in enumerate(stats.blocks):
-        for r0 in range(lo, hi, step):
-            r1 = min(hi, r0 + step)
-            a, b = read_a(r0, r1).double(), read_b(r0, r1).double()
-            truth = read_truth(r0, r1).double() if read_truth is not None else a
-            if is_logits:
-                stats.add_logits(a, b)
-            if is_scores:
-                query = torch.tensor(rows[r0:r1]) if rows is not None else torch.arange(r0, r1) + (shape[1] - full_rows)
-                keep = _causal_keep(shape[1], query)  # [R, K]
-                a, b, truth = (x.masked_fill(~keep, 0.0) for x in (a, b, truth))
-            stats.add_chunk(block, r0, a, b, truth)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        a, b = read_a(r0, r1).double(), read_b(r0, r1).double()
+        truth = read_truth(r0, r1).double() if read_truth is not None else a
+        if is_logits:
+            stats.add_logits(a, b)
+        if is_scores:
+            query = torch.tensor(rows[r0:r1]) if rows is not None else torch.arange(r0, r1) + (shape[1] - full_rows)
+            keep = _causal_keep(shape[1], query)  # [R, K]
+            a, b, truth = (x.masked_fill(~keep, 0.0) for x in (a, b, truth))
+        stats.add_chunk(r0, a, b, truth)
     return stats
 
 
@@ -511,7 +505,8 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
           atol: float | None = None) -> NameResult:
     """The verdict on one streamed name: against the oracle (its floor pooled with `group`) or A's fixed bound; then
     every block of positions alike. Passes when the whole name and each block do."""
-    name, whole = stats.name, stats.whole
+    name, row_sums = stats.name, stats.row_sums()
+    whole = Sums.of_rows(row_sums)
     dtype = _less_precise(dtype_a, dtype_b)
     distance, norm = math.sqrt(whole.err2), math.sqrt(whole.truth2)
     floor = effective = None
@@ -537,11 +532,12 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
     blocks, first_failing = None, None
     if len(stats.blocks) > 1:
         blocks = []
-        for (lo, hi), s in zip(stats.blocks, stats.block_sums):
+        for lo, hi in stats.blocks:
+            s = Sums.of_rows(row_sums[lo:hi])
             limit = allowance(s)
             block_ratio = ratio_of(math.sqrt(s.err2), limit)
             if block_ratio > 1 and first_failing is None:
-                first_failing = _first_row_over(stats, lo, hi, limit / math.sqrt(max(s.n, 1)))
+                first_failing = _first_row_over(stats.positions, row_sums, lo, hi, limit / math.sqrt(max(s.n, 1)))
             blocks.append({"positions": [stats.positions[lo], stats.positions[hi - 1]], "rel_l2": s.relative(s.err2),
                            "floor": s.relative(s.ref_err2) if stats.has_oracle else None, "ratio": block_ratio})  # fmt: skip
         ratio = max([ratio] + [blk["ratio"] for blk in blocks])
@@ -573,12 +569,11 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
     )  # fmt: skip
 
 
-def _first_row_over(stats: NameStats, lo: int, hi: int, per_element: float) -> int:
+def _first_row_over(positions: list[int], row_sums: torch.Tensor, lo: int, hi: int, per_element: float) -> int:
     """The position of the first stored row in [lo, hi) whose error RMS exceeds `per_element` (else the block's first)."""
-    for r in range(lo, hi):
-        if stats.row_n[r] and math.sqrt(stats.row_err2[r] / stats.row_n[r]) > per_element:
-            return stats.positions[r]
-    return stats.positions[lo]
+    n, err2 = row_sums[lo:hi, 0], row_sums[lo:hi, 3]  # [R]
+    over = ((err2 / n.clamp_min(1)).sqrt() > per_element) & (n > 0)
+    return positions[lo + int(over.nonzero()[0])] if bool(over.any()) else positions[lo]
 
 
 def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, oracle: torch.Tensor | None = None,
@@ -666,7 +661,7 @@ def group_floors(ref: Trace, stats: dict[str, NameStats]) -> dict[str, Floor]:
     least the floor its head's `scores` (and `v`, or in a decode step the cache's values) imply (`propagated_floor`,
     streamed over the oracle's probs). Names without an oracle get none."""
     heads = [n for n, s in stats.items() if _group_of(n) != n and s.has_oracle]
-    own = {name: stats[name].whole.floor() for name in heads}
+    own = {name: Sums.of_rows(stats[name].row_sums()).floor() for name in heads}
     members: dict[str, list[Floor]] = {}
     for name in heads:
         members.setdefault(_group_of(name), []).append(own[name])
@@ -725,6 +720,18 @@ def _propagation_sums(part: str, probs: torch.Tensor, v: torch.Tensor, fs: float
     return float(per_row.sum()), out.numel()
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread while comparing: chunks are small, and on a busy machine a second thread made the same
+    comparison 6x slower (tiny 3.1, 4096 tokens, layer 0: 8.4 s on one thread, 52.5 s on two, 2 loaded cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol: float | None = None,
                    atol: float | None = None, token_text: Callable[[int], str] | None = None) -> Comparison:
     """Compare every name present in both traces; A is the reference side.
@@ -733,7 +740,7 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol
     Comparison names it as A); `rtol`/`atol` force the fixed direct bound instead. `token_text(id)` turns the worst
     positions into text. Each name is streamed a chunk of rows at a time (`accumulate`), then judged (`judge`).
     """
-    with load_trace(path_a) as a, load_trace(path_b) as b:
+    with load_trace(path_a) as a, load_trace(path_b) as b, _one_thread():
         common = [n for n in a.names if n in b and n != "tokens"]
         _check_comparable(a, b, common)
         ref, impl, swapped = _oracle_side(a, b)

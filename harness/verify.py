@@ -118,7 +118,7 @@ def _generation_result(run, implementation: str, comparison, out: Path, impl_pat
 
     with load_trace(out / "reference.h5") as ref, load_trace(impl_path) as impl:
         ref_gen, impl_gen = generated_tokens(ref), generated_tokens(impl)
-    cache_check = cache_vs_no_cache(run, impl_path, nocache_path)
+    cache_check = cache_vs_no_cache(run, impl_path, nocache_path, out / "reference.h5")
     unexplained = unexplained_disagreements(out / "reference.h5", impl_path)  # greedy tokens apart beyond near ties
     steps = step_summary(comparison.results, run.generate)
     cache_steps = step_summary(cache_check, run.generate)
