@@ -1,10 +1,11 @@
 """Meta's reference Llama-3 (`llama_models.llama3.model.Transformer`, package llama-models) traced by the harness.
 
-Verify it:  python -m harness verify CHECKPOINT --impl examples/llama_models_adapter.py:ADAPTER [--dtype bfloat16] [--isolated]
+Verify it:  python -m harness verify CHECKPOINT --impl examples/llama_models_adapter.py:ADAPTER [--dtype bfloat16] [--isolated | --generate N]
 Needs: pip install llama-models==0.3.0 fairscale==0.4.13 (fairscale is imported but not declared). Its parameters have
 Meta's names and q/k rows stay in Meta's interleaved order, so loading is 1:1 and no q/k transform applies.
 `scores` are softmax's input: masked and scaled, judged on their causal part. Softmax is wrapped in torch itself for
-the run (llama-models calls `F.softmax` at call time).
+the run (llama-models calls `F.softmax` at call time). `--generate`: its own KV cache, `cache_k`/`cache_v` preallocated
+in each `Attention` and written at `start_pos`; a step is `model(tokens, start_pos)` on the module built at the prefill.
 """
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -46,6 +47,13 @@ TAPS = llama_taps() | {  # its modules have Meta's names: the default paths
     f"{_HEAD}.scores": input_of("torch.nn.functional:softmax", drop_batch),  # masked and scaled: compare takes the causal part
     f"{_HEAD}.probs": output_of("torch.nn.functional:softmax", drop_batch),  # [1, H, T, T], float32 in every dtype
 }
+_REPEAT_KV = "llama_models.llama3.model:repeat_kv"  # the cache attended [1, K, KV, hd]: keys (call 0), values (1)
+CACHE_TAPS = {
+    f"{_HEAD}.cache_k": input_of(_REPEAT_KV, drop_batch, heads_first, kv_to_query_heads, call=0),
+    f"{_HEAD}.cache_v": input_of(_REPEAT_KV, drop_batch, heads_first, kv_to_query_heads, call=1),
+}
 
 ADAPTER = Adapter(build=build, taps=TAPS, layers="layers.{layer}", final_norm="norm",
-                  run=lambda model, tokens: model(tokens[None], start_pos=0))  # fmt: skip
+                  run=lambda model, tokens: model(tokens[None], start_pos=0),
+                  run_step=lambda model, tokens, start_pos, cache: model(tokens[None], start_pos=start_pos),
+                  cache_taps=CACHE_TAPS)  # fmt: skip

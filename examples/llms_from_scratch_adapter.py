@@ -1,15 +1,17 @@
 """`Llama3Model` of the book "Build a Large Language Model From Scratch" (package llms-from-scratch) traced by the harness.
 
-Verify it:  python -m harness verify CHECKPOINT --impl examples/llms_from_scratch_adapter.py:ADAPTER [--dtype bfloat16] [--isolated]
+Verify it:  python -m harness verify CHECKPOINT --impl examples/llms_from_scratch_adapter.py:ADAPTER [--dtype bfloat16] [--isolated | --generate N]
 Needs: pip install --no-deps llms-from-scratch==1.0.19 (its declared dependencies pull tensorflow and jupyterlab; this
 model needs only torch and tiktoken). It rotates q/k by halves, as Hugging Face does: wq/wk rows are permuted on load
 and its q/k are mapped back to Meta's interleaved pairs. Its RMSNorm eps is hard-coded 1e-5 (Llama-3's).
 `scores` are softmax's input (masked, then divided by sqrt(head_dim)), judged on their causal part; `torch.softmax`
-is wrapped for the run.
+is wrapped for the run. The model is the package's KV-cache variant (`llms_from_scratch.kv_cache.llama3`): without a
+cache the same forward as `llms_from_scratch.llama3`'s, with the same parameters. `--generate`: the book's own
+`KVCache`, kept in the harness's cache dict; the model counts positions itself (`current_pos`, 0 in a fresh model).
 """
 
 import torch
-from llms_from_scratch.llama3 import Llama3Model
+from llms_from_scratch.kv_cache.llama3 import KVCache, Llama3Model
 
 from harness.adapter import META_PATHS, Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from harness.hf_layout import heads_of, permute_to_hf
@@ -44,13 +46,21 @@ def build(checkpoint, dtype, device):
     return model.eval()
 
 
-_ROPE = "llms_from_scratch.llama3:apply_rope"  # x [1, H|KV, T, hd] -> rotated; called on keys (call 0), then queries (1)
+_ROPE = "llms_from_scratch.kv_cache.llama3:apply_rope"  # x [1, H|KV, T, hd] -> rotated; on queries (call 0), then keys (1)
 _HEAD = "layers.{layer}.attention.heads.{head}"
 TAPS = llama_taps({meta: book_name(path) for meta, path in META_PATHS.items()}, half_split=True) | {
-    f"{_HEAD}.q_rotated": output_of(_ROPE, drop_batch, interleave_halves, call=1),
-    f"{_HEAD}.k_rotated": output_of(_ROPE, drop_batch, kv_to_query_heads, interleave_halves, call=0),
+    f"{_HEAD}.q_rotated": output_of(_ROPE, drop_batch, interleave_halves, call=0),
+    f"{_HEAD}.k_rotated": output_of(_ROPE, drop_batch, kv_to_query_heads, interleave_halves, call=1),
     f"{_HEAD}.scores": input_of("torch:softmax", drop_batch),  # masked, then / sqrt(head_dim): compare takes the causal part
     f"{_HEAD}.probs": output_of("torch:softmax", drop_batch),  # [1, H, T, T]
 }
 
-ADAPTER = Adapter(build=build, taps=TAPS, layers="trf_blocks.{layer}", final_norm="final_norm")
+_ATT = "trf_blocks.{layer}.att"  # -> (output, (keys, values)): the cache attended, [1, KV, K, hd], the step's appended
+CACHE_TAPS = {
+    f"{_HEAD}.cache_k": output_of(_ATT, drop_batch, kv_to_query_heads, interleave_halves, index=(1, 0)),
+    f"{_HEAD}.cache_v": output_of(_ATT, drop_batch, kv_to_query_heads, index=(1, 1)),
+}
+
+ADAPTER = Adapter(build=build, taps=TAPS, layers="trf_blocks.{layer}", final_norm="final_norm", cache_taps=CACHE_TAPS,
+                  run_step=lambda model, tokens, start_pos, cache: model(tokens[None], cache=cache.setdefault(
+                      "kv", KVCache(n_layers=model.cfg["n_layers"]))))  # fmt: skip

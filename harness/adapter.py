@@ -68,13 +68,14 @@ def kv_to_query_heads(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 class Tap:
     """Where a name is read: a submodule path ("model.layers.{layer}.mlp") or a function ("package.module:function").
 
-    `take` "output" or "input"; `index` picks from a tuple output or the positional inputs; `call` picks which call of a
-    function inside one layer (a function applied to k, then to q: 0 then 1).
+    `take` "output" or "input"; `index` picks from a tuple output or the positional inputs, a tuple of indices from
+    nested tuples (`(1, 0)`: keys of an output `(x, (keys, values))`); `call` picks which call of a function inside one
+    layer (a function applied to k, then to q: 0 then 1).
     """
 
     target: str
     take: str = "output"
-    index: int = 0
+    index: int | tuple[int, ...] = 0
     transforms: tuple[Transform, ...] = ()
     call: int = 0
 
@@ -83,18 +84,20 @@ class Tap:
         return ":" in self.target
 
     def value(self, inputs: tuple, output: Any, config: ModelConfig) -> torch.Tensor:
-        picked = inputs[self.index] if self.take == "input" else (output[self.index] if isinstance(output, (tuple, list)) else output)
+        picked = inputs if self.take == "input" else output
+        for i in self.index if isinstance(self.index, tuple) else (self.index,):
+            picked = picked[i] if isinstance(picked, (tuple, list)) else picked  # a module's single tensor: itself
         x = picked.detach()
         for transform in self.transforms:
             x = transform(x, config)
         return x
 
 
-def output_of(target: str, *transforms: Transform, index: int = 0, call: int = 0) -> Tap:
+def output_of(target: str, *transforms: Transform, index: int | tuple[int, ...] = 0, call: int = 0) -> Tap:
     return Tap(target, "output", index, transforms, call)
 
 
-def input_of(target: str, *transforms: Transform, index: int = 0, call: int = 0) -> Tap:
+def input_of(target: str, *transforms: Transform, index: int | tuple[int, ...] = 0, call: int = 0) -> Tap:
     return Tap(target, "input", index, transforms, call)
 
 

@@ -103,6 +103,16 @@ def test_adapter_hooks_live_only_for_the_run(tiny_checkpoint, tmp_path):
     assert len(harness.load_trace(tmp_path / "t.h5").names) > 150
 
 
+def test_a_tap_index_path_reaches_into_nested_tuples():
+    """`index=(1, 0)`: the keys of a module returning (x, (keys, values)), as llms-from-scratch's KV-cache attention
+    does; an int index still picks from a tuple and leaves a single tensor as it is."""
+    x, keys, values = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)
+    assert output_of("att", index=(1, 0)).value((), (x, (keys, values)), None).equal(keys)
+    assert output_of("att", index=(1, 1)).value((), (x, (keys, values)), None).equal(values)
+    assert output_of("att", index=1).value((), (x, keys), None).equal(keys)
+    assert output_of("att", index=1).value((), x, None).equal(x)
+
+
 # ---- the fingerprint through the public API ------------------------------------------------------------------------
 
 

@@ -1,0 +1,52 @@
+"""The two public implementations in examples/ through `verify --generate`: a prefill and decode steps with each
+library's own KV cache, held to Hugging Face step by step and to their own no-cache forward, on every tiny variant in
+float32 and bfloat16; and wrong uses of each cache caught at their own step and name.
+
+Needs llama-models, fairscale and llms-from-scratch (`tox -e examples`); without them these tests skip. Failures of
+decode-step per-head names only are the comparator's known false alarm on one-row tensors, handled as
+tests/test_generation.py handles it (xfail); any other failure fails.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.verify import verify
+from tests.test_generation import STEPS, first_failure, passes_or_known_false_alarm, references  # noqa: F401 (fixture)
+
+EXAMPLES = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ADAPTERS = {"llama_models": "llama_models_adapter.py", "llms_from_scratch": "llms_from_scratch_adapter.py"}
+HEAD0 = "layers.0.attention.heads.0"
+WRONG_CACHE = {  # wrong_adapters.py's attribute -> (its package, where it must fail on tiny 3.0)
+    "LLAMA_MODELS_START_POS_0": ("llama_models", f"steps.1.{HEAD0}.cache_k"),
+    "LLMS_FROM_SCRATCH_POSITIONS_RESTART": ("llms_from_scratch", f"steps.1.{HEAD0}.q_rotated"),
+}
+
+
+def XDIST_GROUP(item) -> str:
+    return "examples-generation"  # the wrong-cache tests share the reference's traces (the `references` fixture)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", ["3.0", "3.1", "3.2"])
+@pytest.mark.parametrize("package", ADAPTERS)
+def test_adapter_generates_with_its_own_cache(package, variant, dtype, tiny_checkpoint, tmp_path):
+    pytest.importorskip(package)
+    impl = f"{EXAMPLES / ADAPTERS[package]}:ADAPTER"
+    result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype=dtype, impl=impl, generate=STEPS)
+    generation = json.loads((tmp_path / "v" / "comparison.json").read_text())["generation"]
+    assert not generation["unexplained_disagreements"], generation["unexplained_disagreements"]
+    assert result.comparison.result(f"steps.{STEPS}.{HEAD0}.cache_k") is not None, "the cache is not recorded"
+    passes_or_known_false_alarm(None, f"{package} {variant} {dtype}", result.comparison.results + result.cache_check)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("wrong", WRONG_CACHE)
+def test_wrong_cache_fails_at_its_step_and_name(wrong, dtype, references, tmp_path):
+    package, expected = WRONG_CACHE[wrong]
+    pytest.importorskip(package)
+    run, reference = references[dtype]
+    first, how = first_failure(run, reference, tmp_path / "wrong.h5", impl=f"{HERE / 'wrong_adapters.py'}:{wrong}")
+    assert first == expected, f"{wrong} ({dtype}): first failure {first} ({how}), expected {expected}"
