@@ -49,6 +49,14 @@ def describe_divergence(c: Comparison) -> str:
     if r.nonfinite:
         return f"first divergence: {r.name}{head}: non-finite values first appear at {c.first_nonfinite}: {r.nonfinite}"
     floor = f", floor {_fmt(r.floor)}" if r.floor is not None else ""
+    if r.blocks and r.first_failing_position is not None:  # a long prompt: where along it the name fails
+        worst = max(r.blocks, key=lambda b: b["ratio"])
+        at = r.first_failing_position
+        token = f" {c.token_texts[at]!r}" if c.token_texts and at < len(c.token_texts) else ""
+        block_floor = f", floor {_fmt(worst['floor'])}" if worst["floor"] is not None else ""
+        return (f"first divergence: {r.name}{head}: first failing at position {at}{token}; worst at positions "
+                f"{worst['positions'][0]}-{worst['positions'][1]}, {_fmt(worst['ratio'])}x their bound (rel_l2 "
+                f"{_fmt(worst['rel_l2'])}{block_floor}); over the whole prompt rel_l2 {_fmt(r.rel_l2)}, bound {_fmt(r.bound)}")  # fmt: skip
     return (f"first divergence: {r.name}{head}: rel_l2 {_fmt(r.rel_l2)} > bound {_fmt(r.bound)} ({_fmt(r.ratio)}x the bound"
             f"{floor}), cosine {r.cosine:.4f}, worst at {_where(r) or '-'}")  # fmt: skip
 
@@ -94,11 +102,11 @@ def _pyplot():
     return plt
 
 
-def _finish_error_plot(fig, ax, c: Comparison, path: Path, *, xlabel: str, title: str) -> None:
+def _finish_error_plot(fig, ax, c: Comparison, path: Path, *, xlabel: str, title: str, ylabel: str | None = None) -> None:
     """A log-scale error plot's labels, legend and grid; saved and closed."""
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"relative L2 error against {'the oracle' if c.mode != 'direct' else 'A'}")
+    ax.set_ylabel(ylabel or f"relative L2 error against {'the oracle' if c.mode != 'direct' else 'A'}")
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -186,6 +194,39 @@ def plot_depth(c: Comparison, path: Path) -> bool:
     return True
 
 
+def plot_positions(c: Comparison, path: Path) -> bool:
+    """A long prompt: each block of positions' ratio to its bound along the prompt, for the first divergent name, each
+    layer's output, the worst head's q_rotated and k_rotated, and the logits: where an implementation leaves the floor."""
+    blocked = [r for r in c.results if r.blocks]
+    if not blocked:
+        return False
+    chosen: dict[str, NameResult] = {}
+    if c.first_divergence is not None and (first := c.result(c.first_divergence)).blocks:
+        chosen[first.name] = first
+    for r in blocked:
+        layer, head, part = canon.parse(r.name)
+        if (layer is not None and head is None and part == "output") or part == "logits":
+            chosen.setdefault(r.name, r)
+    for part in ("q_rotated", "k_rotated"):
+        heads = [r for r in blocked if r.head is not None and canon.parse(r.name)[2] == part]
+        if heads:
+            worst = max(heads, key=lambda r: r.ratio)
+            chosen.setdefault(worst.name, worst)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tiny = 1e-6
+    for i, r in enumerate(sorted(chosen.values(), key=lambda r: canon.order_key(r.name))):
+        xs = [(b["positions"][0] + b["positions"][1]) / 2 for b in r.blocks]
+        ys = [max(b["ratio"], tiny) if math.isfinite(b["ratio"]) else float("nan") for b in r.blocks]
+        ax.plot(xs, ys, "o-", markersize=3, label=r.name, color=f"C{i % 10}")
+        if r.first_failing_position is not None:
+            ax.axvline(r.first_failing_position, color=f"C{i % 10}", alpha=0.3)
+    ax.axhline(1.0, color="red", linestyle=":", label="bound (fails above)")
+    _finish_error_plot(fig, ax, c, path, xlabel="position in the prompt (middle of each block)",
+                       title="error along the prompt: each block of positions' ratio to its bound", ylabel="ratio")
+    return True
+
+
 def divergent_head(c: Comparison) -> tuple[int, int] | None:
     """(layer, head) to draw: the first failing per-head name's, else the worst `probs` by ratio."""
     heads = [r for r in c.results if r.head is not None]
@@ -207,10 +248,12 @@ def plot_attention(c: Comparison, path: Path, layer: int, head: int) -> bool:
             if name not in a or name not in b:
                 return False
             pa, pb = a[name].double().numpy(), b[name].double().numpy()
+            rows = a.rows(name)  # a long prompt's sampled query rows
     except HarnessError:
         return False
-    labels = c.token_texts or [str(t) for t in (c.tokens or range(pa.shape[0]))]
-    labels = [(t.strip() and repr(t)[1:-1][:12]) or repr(t) for t in labels][: pa.shape[0]]  # a bare space shows as ' '
+    labels = c.token_texts or [str(t) for t in (c.tokens or range(pa.shape[1]))]
+    keys = [(t.strip() and repr(t)[1:-1][:12]) or repr(t) for t in labels][: pa.shape[1]]  # a bare space shows as ' '
+    queries = [f"{r}:{keys[r]}" for r in rows] if rows is not None else keys[: pa.shape[0]]
     plt = _pyplot()
     fig, axs = plt.subplots(1, 3, figsize=(18, 6.2))
     diff = pb - pa
@@ -218,11 +261,11 @@ def plot_attention(c: Comparison, path: Path, layer: int, head: int) -> bool:
     for ax, data, title, kw in ((axs[0], pa, "A (reference)", dict(cmap="viridis", vmin=0, vmax=1)),
                                 (axs[1], pb, "B", dict(cmap="viridis", vmin=0, vmax=1)),
                                 (axs[2], diff, "B - A", dict(cmap="RdBu_r", vmin=-lim, vmax=lim))):  # fmt: skip
-        im = ax.imshow(data, **kw)
+        im = ax.imshow(data, aspect="auto" if rows is not None else "equal", interpolation="nearest", **kw)
         ax.set_title(f"{title}: layer {layer} head {head} probs", fontsize=10)
-        ticks = range(0, len(labels), max(1, len(labels) // 48))  # at most ~48 labels per axis
-        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=7)
-        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7)
+        for set_ticks, names, rotation in ((ax.set_xticks, keys, 90), (ax.set_yticks, queries, 0)):
+            ticks = range(0, len(names), max(1, len(names) // 48))  # at most ~48 labels per axis
+            set_ticks(ticks, [names[i] for i in ticks], rotation=rotation, fontsize=7)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
         fig.colorbar(im, ax=ax, shrink=0.7)
@@ -291,6 +334,9 @@ def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness
         images.append(("heads.png", f"Per-head {_measure(c)}, layer x head, for each per-head name."))
     if plot_depth(c, out / "depth.png"):
         images.append(("depth.png", "Residual stream error across depth, with the reference's own floor and the bound."))
+    if plot_positions(c, out / "positions.png"):
+        images.append(("positions.png", "Error along the prompt: each block of positions judged against its own floor "
+                                        "(vertical lines: first failing positions)."))
     if (lh := divergent_head(c)) is not None and plot_attention(c, out / "attention.png", *lh):
         what = "first divergent head" if not c.passed and any(r.head is not None for r in c.failed) else "head with the largest probs ratio"
         images.append(("attention.png", f"Attention probabilities, layer {lh[0]} head {lh[1]} ({what}): A, B and B - A."))

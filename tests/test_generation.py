@@ -126,20 +126,13 @@ def references(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-def passes_or_known_false_alarm(comparison, what: str, results=None) -> None:
-    """Pass, or fail only where a decode step's per-head tensor is one query row: there the reference's floor is measured
-    on a handful of values (a [1, K] row) and a correct implementation lands above 5x it by chance (seen up to 2.9x
-    the bound in bfloat16 and 1.9x in float32 over 8 steps). harness/compare.py does not pool such floors yet (e.g.
-    the largest floor of the layer's heads: worst correct ratio 0.67, benchmarks/generation_floors.py); until it does, those are
-    expected failures, and any other failure is a real one. `results`: other NameResults judged the same way (the
-    cache check: the same one-row tensors under compare's fixed bound, seen at 1.23x it in float32)."""
+def assert_passes(comparison, what: str, results=None) -> None:
+    """Every name passes: the prefill, each decode step (one query row per head, pooled with the step's heads and held
+    to the floor its scores and the cache's values imply) and the cache check. `results`: NameResults to check instead
+    of `comparison`'s (e.g. a verify's comparison and cache check together)."""
     failed = [r for r in (comparison.results if results is None else results) if not r.passed]
-    if not failed:
-        return
-    single_rows = [r for r in failed if (names.split_step(r.name)[0] or 0) >= 1 and r.head is not None]
-    assert len(single_rows) == len(failed), f"{what}: first failure {failed[0].name}"
-    pytest.xfail(f"{what}: {len(failed)} decode-step per-head names over a single-row floor, first {failed[0].name} "
-                 f"({failed[0].ratio:.3g}x): compare.py has no pooled floor for one-row tensors yet")
+    assert not failed, (f"{what}: {len(failed)} names fail, first {failed[0].name} at {failed[0].ratio:.3g}x the bound "
+                        f"(rel_l2 {failed[0].rel_l2:.3g}, floor {failed[0].floor})")
 
 
 def first_failure(run, reference: Path, out: Path, impl="scratch") -> tuple[str | None, str]:
@@ -162,7 +155,7 @@ def test_unmutated_scratch_passes_every_step(references, dtype, tmp_path):
     run, reference = references[dtype]
     first, how = first_failure(run, reference, tmp_path / "scratch.h5")
     assert how == "comparison", how
-    passes_or_known_false_alarm(compare_traces(reference, tmp_path / "scratch.h5"), f"scratch {dtype}")
+    assert_passes(compare_traces(reference, tmp_path / "scratch.h5"), f"scratch {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -213,7 +206,7 @@ def test_verify_generate_passes_with_per_step_results(tiny_checkpoint, variant, 
     if dtype == "float32":
         assert result.reference_generated == result.implementation_generated
     assert (tmp_path / "v" / "steps.png").is_file() and "Per step" in (tmp_path / "v" / "report.html").read_text()
-    passes_or_known_false_alarm(None, f"{variant} {dtype}", result.comparison.results + result.cache_check)
+    assert_passes(None, f"{variant} {dtype}", result.comparison.results + result.cache_check)
 
 
 def test_cache_against_no_cache_catches_a_cache_only_bug(tiny_checkpoint, tmp_path, monkeypatch):
@@ -231,8 +224,7 @@ def test_example_with_its_cache_passes_through_impl(tiny_checkpoint, tmp_path):
         assert (tmp_path / dtype / "implementation-nocache.h5").is_file()
         assert not json.loads((tmp_path / dtype / "comparison.json").read_text())["generation"]["unexplained_disagreements"]
     everything = [r for d in DTYPES for r in results[d].comparison.results + results[d].cache_check]
-    passes_or_known_false_alarm(None, "examples/my_llama.py, both dtypes, against HF and against its no-cache forward",
-                                everything)  # xfail (the known false alarm) only after both dtypes ran
+    assert_passes(None, "examples/my_llama.py, both dtypes, against HF and against its no-cache forward", everything)
 
 
 def test_trace_generate_cli(tiny_checkpoint, tmp_path, capsys):

@@ -2,9 +2,7 @@
 library's own KV cache, held to Hugging Face step by step and to their own no-cache forward, on every tiny variant in
 float32 and bfloat16; and wrong uses of each cache caught at their own step and name.
 
-Needs llama-models, fairscale and llms-from-scratch (`tox -e examples`); without them these tests skip. Failures of
-decode-step per-head names only are the comparator's known false alarm on one-row tensors, handled as
-tests/test_generation.py handles it (xfail); any other failure fails.
+Needs llama-models, fairscale and llms-from-scratch (`tox -e examples`); without them these tests skip.
 """
 
 import json
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.verify import verify
-from tests.test_generation import STEPS, first_failure, passes_or_known_false_alarm, references  # noqa: F401 (fixture)
+from tests.test_generation import STEPS, first_failure, assert_passes, references  # noqa: F401 (fixture)
 
 EXAMPLES = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -39,7 +37,7 @@ def test_adapter_generates_with_its_own_cache(package, variant, dtype, tiny_chec
     generation = json.loads((tmp_path / "v" / "comparison.json").read_text())["generation"]
     assert not generation["unexplained_disagreements"], generation["unexplained_disagreements"]
     assert result.comparison.result(f"steps.{STEPS}.{HEAD0}.cache_k") is not None, "the cache is not recorded"
-    passes_or_known_false_alarm(None, f"{package} {variant} {dtype}", result.comparison.results + result.cache_check)
+    assert_passes(None, f"{package} {variant} {dtype}", result.comparison.results + result.cache_check)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
