@@ -34,6 +34,10 @@ def check(verified, case, name: str) -> None:
         + (f", reference's own error {_fmt(r['floor'])}" if r.get("floor") is not None else "") + ")",
         f"  max_abs {_fmt(r['max_abs'])}, max_rel {_fmt(r['max_rel'])}, cosine {_fmt(r['cosine'])}; worst at {where}",
     ]
+    if r.get("first_failing_position") is not None and r.get("blocks"):
+        worst = max(r["blocks"], key=lambda b: b["ratio"])
+        lines.append(f"  along the prompt: first failing at position {r['first_failing_position']}; worst at positions "
+                     f"{worst['positions'][0]}-{worst['positions'][1]}, {_fmt(worst['ratio'])}x their bound")  # fmt: skip
     if r.get("nonfinite"):
         lines.append(f"  non-finite values: {r['nonfinite']}")
     lines.append(f"  first divergence in the whole trace: {first}"
