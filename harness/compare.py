@@ -90,8 +90,11 @@ BLOCK_POSITIONS = 256
 MIN_BLOCK_ROWS = 8
 
 # Streaming: a name is read CHUNK_ELEMENTS values (a whole number of rows) at a time on each side; compare holds no
-# whole large tensor, and its memory does not grow with the prompt beyond one chunk (8 MiB per side in float64).
-CHUNK_ELEMENTS = 1 << 20
+# whole large tensor, and its memory does not grow with the prompt beyond one chunk (2 MiB per side in float64) and a
+# few sums per block. Measured (tiny 3.1, bfloat16, `compare` peak RSS, 2026-11-24): 2^20 values a chunk and per-row
+# sums kept: 521 MiB at 2048 tokens, 647 MiB at 8192; 2^18 and per-block sums: 385 and 421 MiB (the Python process
+# with torch and h5py alone takes about 230 MiB).
+CHUNK_ELEMENTS = 1 << 18
 
 # Absolute term, in units of u, added to the floor: a name the reference computes exactly (embeddings: a gather) has
 # floor 0, while a correct implementation that rounds once more there has an error of about u/sqrt(3) (0.58 u, one
@@ -363,15 +366,18 @@ Reader = Callable[[int, int], torch.Tensor]  # rows [start, stop) of a tensor, a
 
 @dataclass
 class NameStats:
-    """Everything the verdict on one name needs, accumulated a chunk of rows at a time: per-row sums (the whole name's
-    and each block's are their totals), the largest errors, non-finite values, logits agreement. No tensor is kept."""
+    """Everything the verdict on one name needs, accumulated a chunk of rows at a time: the sums of each block of
+    positions (the whole name's are their total), the largest errors, non-finite values, logits agreement. Nothing
+    grows with the prompt but the logits' per-position agreement; `reread(lo, hi)` gives per-row sums again, for the
+    first failing position of a failing block."""
 
     name: str
     shape: tuple[int, ...]
     positions: list[int] | None  # absolute position of each stored row; None: the name has no position axis
     blocks: list[tuple[int, int]]  # stored-row ranges [start, stop) judged apart (one: the whole name)
     has_oracle: bool
-    rows: list[torch.Tensor] = field(default_factory=list)  # per chunk: [R, 5] sums of each row (see Sums.of_rows)
+    block_sums: torch.Tensor | None = None  # [n_blocks, 5]: each block's sums (see Sums.of_rows)
+    reread: Callable[[int, int], torch.Tensor] | None = None  # stored rows [lo, hi) -> their per-row sums [hi - lo, 5]
     b2: float = 0.0
     bt: float = 0.0
     max_abs: float = 0.0
@@ -387,11 +393,8 @@ class NameStats:
     logits: tuple[list, list, list] | None = None
     next_tokens: tuple[int, int] | None = None
 
-    def row_sums(self) -> torch.Tensor:
-        return torch.cat(self.rows) if self.rows else torch.zeros(1, 5, dtype=torch.float64)  # [R, 5]
-
-    def add_chunk(self, row0: int, a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> None:
-        """Rows row0.. of the judged part of A, B and the truth (float64, same shape)."""
+    def add_chunk(self, row0: int, a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Rows row0.. of the judged part of A, B and the truth (float64, same shape); returns their per-row sums."""
         bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
         if bool(bad_a.any() | bad_b.any()):
             bad = bad_a | bad_b
@@ -409,8 +412,7 @@ class NameStats:
         err = torch.where(finite, b - truth, zero)
         t = torch.where(finite, truth, zero)
         n_rows = a.shape[0] if a.dim() else 1
-        parts = (finite.double(), (ref_err != 0).double(), ref_err.pow(2), err.pow(2), t.pow(2))
-        self.rows.append(torch.stack([x.reshape(n_rows, -1).sum(-1) for x in parts], -1))  # [R, 5]
+        row_sums = _row_sums(finite, ref_err, err, t)  # [R, 5]
         b_f = torch.where(finite, b, zero)
         self.b2 += float(b_f.pow(2).sum())
         self.bt += float((b_f * t).sum())
@@ -428,6 +430,7 @@ class NameStats:
             value = float(ranked.flatten()[top])
             if value > 0 and (self.worst is None or value > self.worst[0]):
                 self.worst = (value, top + row0 * (ranked.numel() // n_rows))
+        return row_sums
 
     def add_logits(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Top-1/top-5/KL of rows of A and B (the reference side's logits, not the oracle's), chunk by chunk."""
@@ -438,6 +441,13 @@ class NameStats:
         for kept, new in zip(self.logits, (top1, top5, kl)):
             kept += new
         self.next_tokens = (int(a[-1].argmax()), int(b[-1].argmax()))
+
+
+def _row_sums(finite: torch.Tensor, ref_err: torch.Tensor, err: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """[R, 5] per stored row: finite values, rounded ones, sum (A - truth)^2, sum (B - truth)^2, sum truth^2."""
+    n_rows = finite.shape[0] if finite.dim() else 1
+    parts = (finite.double(), (ref_err != 0).double(), ref_err.pow(2), err.pow(2), truth.pow(2))
+    return torch.stack([x.reshape(n_rows, -1).sum(-1) for x in parts], -1)
 
 
 def name_positions(name: str, shape: tuple[int, ...], rows: list[int] | None, start: int = 0) -> list[int] | None:
@@ -467,22 +477,41 @@ def accumulate(name: str, read_a: Reader, read_b: Reader, read_truth: Reader | N
     positions = name_positions(name, shape, rows, start)
     n_rows = shape[0] if shape else 1
     stats = NameStats(name, shape, positions, position_blocks(positions, n_rows), read_truth is not None)
+    block_of = torch.zeros(n_rows, dtype=torch.long)  # [R]: each stored row's block
+    for index, (lo, hi) in enumerate(stats.blocks):
+        block_of[lo:hi] = index
     is_scores = canon.parse(name)[2] == "scores" and len(shape) == 2
     is_logits = canon.parse(name)[2] == "logits" and len(shape) >= 1
     full_rows = (rows[-1] + 1) if rows is not None else n_rows  # a [T, T] tensor's T, when rows are sampled
-    row_elements = max(1, math.prod(shape[1:])) if shape else 1
-    step = max(1, CHUNK_ELEMENTS // row_elements)
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
+    step = max(1, CHUNK_ELEMENTS // (max(1, math.prod(shape[1:])) if shape else 1))
+
+    def judged(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, b = read_a(r0, r1).double(), read_b(r0, r1).double()
         truth = read_truth(r0, r1).double() if read_truth is not None else a
-        if is_logits:
-            stats.add_logits(a, b)
         if is_scores:
             query = torch.tensor(rows[r0:r1]) if rows is not None else torch.arange(r0, r1) + (shape[1] - full_rows)
             keep = _causal_keep(shape[1], query)  # [R, K]
-            a, b, truth = (x.masked_fill(~keep, 0.0) for x in (a, b, truth))
-        stats.add_chunk(r0, a, b, truth)
+            return a.masked_fill(~keep, 0.0), b.masked_fill(~keep, 0.0), truth.masked_fill(~keep, 0.0)
+        return a, b, truth
+
+    def reread(lo: int, hi: int) -> torch.Tensor:
+        sums = []
+        for r0 in range(lo, hi, step):
+            a, b, truth = judged(r0, min(hi, r0 + step))
+            finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
+            zero = torch.zeros((), dtype=a.dtype)
+            sums.append(_row_sums(finite, torch.where(finite, a - truth, zero), torch.where(finite, b - truth, zero),
+                                  torch.where(finite, truth, zero)))  # fmt: skip
+        return torch.cat(sums)  # [hi - lo, 5]
+
+    stats.block_sums = torch.zeros(len(stats.blocks), 5, dtype=torch.float64)
+    stats.reread = reread
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        if is_logits:
+            stats.add_logits(read_a(r0, r1).double(), read_b(r0, r1).double())
+        row_sums = stats.add_chunk(r0, *judged(r0, r1))  # [R, 5]
+        stats.block_sums.index_add_(0, block_of[r0:r1], row_sums)
     return stats
 
 
@@ -505,8 +534,8 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
           atol: float | None = None) -> NameResult:
     """The verdict on one streamed name: against the oracle (its floor pooled with `group`) or A's fixed bound; then
     every block of positions alike. Passes when the whole name and each block do."""
-    name, row_sums = stats.name, stats.row_sums()
-    whole = Sums.of_rows(row_sums)
+    name = stats.name
+    whole = Sums.of_rows(stats.block_sums)
     dtype = _less_precise(dtype_a, dtype_b)
     distance, norm = math.sqrt(whole.err2), math.sqrt(whole.truth2)
     floor = effective = None
@@ -532,12 +561,12 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
     blocks, first_failing = None, None
     if len(stats.blocks) > 1:
         blocks = []
-        for lo, hi in stats.blocks:
-            s = Sums.of_rows(row_sums[lo:hi])
+        for (lo, hi), sums in zip(stats.blocks, stats.block_sums):
+            s = Sums.of_rows(sums[None])
             limit = allowance(s)
             block_ratio = ratio_of(math.sqrt(s.err2), limit)
             if block_ratio > 1 and first_failing is None:
-                first_failing = _first_row_over(stats.positions, row_sums, lo, hi, limit / math.sqrt(max(s.n, 1)))
+                first_failing = _first_row_over(stats, lo, hi, limit / math.sqrt(max(s.n, 1)))
             blocks.append({"positions": [stats.positions[lo], stats.positions[hi - 1]], "rel_l2": s.relative(s.err2),
                            "floor": s.relative(s.ref_err2) if stats.has_oracle else None, "ratio": block_ratio})  # fmt: skip
         ratio = max([ratio] + [blk["ratio"] for blk in blocks])
@@ -569,11 +598,13 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
     )  # fmt: skip
 
 
-def _first_row_over(positions: list[int], row_sums: torch.Tensor, lo: int, hi: int, per_element: float) -> int:
-    """The position of the first stored row in [lo, hi) whose error RMS exceeds `per_element` (else the block's first)."""
-    n, err2 = row_sums[lo:hi, 0], row_sums[lo:hi, 3]  # [R]
+def _first_row_over(stats: NameStats, lo: int, hi: int, per_element: float) -> int:
+    """The position of the first stored row in [lo, hi) whose error RMS exceeds `per_element` (else the block's first):
+    the block's rows read again (a failing name's, once)."""
+    row_sums = stats.reread(lo, hi)  # [hi - lo, 5]
+    n, err2 = row_sums[:, 0], row_sums[:, 3]  # [R]
     over = ((err2 / n.clamp_min(1)).sqrt() > per_element) & (n > 0)
-    return positions[lo + int(over.nonzero()[0])] if bool(over.any()) else positions[lo]
+    return stats.positions[lo + int(over.nonzero()[0])] if bool(over.any()) else stats.positions[lo]
 
 
 def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, oracle: torch.Tensor | None = None,
@@ -661,7 +692,7 @@ def group_floors(ref: Trace, stats: dict[str, NameStats]) -> dict[str, Floor]:
     least the floor its head's `scores` (and `v`, or in a decode step the cache's values) imply (`propagated_floor`,
     streamed over the oracle's probs). Names without an oracle get none."""
     heads = [n for n, s in stats.items() if _group_of(n) != n and s.has_oracle]
-    own = {name: Sums.of_rows(stats[name].row_sums()).floor() for name in heads}
+    own = {name: Sums.of_rows(stats[name].block_sums).floor() for name in heads}
     members: dict[str, list[Floor]] = {}
     for name in heads:
         members.setdefault(_group_of(name), []).append(own[name])
