@@ -32,8 +32,8 @@ ORACLE_PREFIX = "_oracle."
 
 
 # The float64 oracle's attention runs a block of query rows at a time, at most this many scores per block (256 MiB in
-# float64: 512 rows of 8 heads at 8192 tokens, 128 rows of an 8B's 32 heads): at 8192 tokens one [H, T, T] float64
-# tensor of a tiny model is 4 GiB, and softmax held three of them.
+# float64: 512 rows of 8 heads at 8192 tokens, 128 rows of an 8B's 32 heads). Unblocked, one [H, T, T] float64 of the
+# tiny model at 8192 tokens is 4 GiB, and scores, masked scores and probs were held at once.
 ORACLE_BLOCK_ELEMENTS = 1 << 25
 
 

@@ -77,8 +77,8 @@ def test_the_blocked_oracle_records_what_whole_tensors_give(tiny_checkpoint, tmp
 
 
 def test_no_float64_softmax_holds_every_row(tiny_checkpoint, monkeypatch):
-    """The oracle's softmax sees one block of query rows at a time: never the [1, H, T, T] float64 that made 8192
-    tokens of a tiny model cost 12 GiB."""
+    """The oracle's softmax sees one block of query rows at a time, never a [1, H, T, T] float64 (4 GiB for the tiny
+    model at 8192 tokens, three of them held at once before the blocks)."""
     ckpt = open_checkpoint(tiny_checkpoint("3.0"))
     block = 100 * ckpt.config.n_heads * T
     monkeypatch.setattr(reference, "ORACLE_BLOCK_ELEMENTS", block)
