@@ -1,13 +1,13 @@
 """A verification harness for hand-written Llama-3: trace every intermediate to HDF5 and find where two forwards part.
 
-Public recording API: `tracing`, `record`, `load_trace`; `layer_input` for isolated mode; `Adapter` (harness.adapter)
-to trace an nn.Module; errors a user can fix raise `HarnessError`.
+Public recording API: `tracing`, `record` (a tensor, or the kept `Rows` of a long one), `load_trace`; `layer_input`
+for isolated mode; `Adapter` (harness.adapter) to trace an nn.Module; errors a user can fix raise `HarnessError`.
 """
 
 __version__ = "0.1.0"
 
 from .errors import HarnessError
 from .isolation import layer_input
-from .tracing import Trace, is_tracing, load_trace, record, tracing
+from .tracing import Rows, Trace, is_tracing, load_trace, record, tracing
 
-__all__ = ["HarnessError", "Trace", "is_tracing", "layer_input", "load_trace", "record", "tracing", "__version__"]
+__all__ = ["HarnessError", "Rows", "Trace", "is_tracing", "layer_input", "load_trace", "record", "tracing", "__version__"]

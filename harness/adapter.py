@@ -3,6 +3,8 @@
 An `Adapter` is itself a forward of the harness's contract, `adapter(checkpoint, tokens, *, dtype, device) -> logits
 [T, V]`: it builds the module, attaches hooks for the run only (removed in `finally:`), runs it and records each
 mapped name. Paths have a `{layer}` slot; a name with a `{head}` slot is taken as [H, ...] and recorded per head.
+A tapped function may return `Rows` (harness.tracing) for a long tensor it computes by blocks: the transforms apply
+to its values.
 Shapes: T tokens, H query heads, KV kv heads, hd head_dim.
 """
 
@@ -22,7 +24,7 @@ from .config import ModelConfig
 from .errors import HarnessError
 from .hf_layout import half_split_to_interleaved
 from .isolation import layer_input
-from .tracing import record
+from .tracing import Rows, record
 
 Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
 
@@ -83,14 +85,23 @@ class Tap:
     def is_function(self) -> bool:
         return ":" in self.target
 
-    def value(self, inputs: tuple, output: Any, config: ModelConfig) -> torch.Tensor:
+    def value(self, inputs: tuple, output: Any, config: ModelConfig) -> torch.Tensor | Rows:
         picked = inputs if self.take == "input" else output
         for i in self.index if isinstance(self.index, tuple) else (self.index,):
             picked = picked[i] if isinstance(picked, (tuple, list)) else picked  # a module's single tensor: itself
-        x = picked.detach()
-        for transform in self.transforms:
-            x = transform(x, config)
-        return x
+
+        def transformed(x: torch.Tensor) -> torch.Tensor:
+            x = x.detach()
+            for transform in self.transforms:
+                x = transform(x, config)
+            return x
+
+        return _each(picked, transformed)
+
+
+def _each(value: torch.Tensor | Rows, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Rows:
+    """`f` on a tensor, or on the values of `Rows` (the kept rows of a long tensor computed by blocks)."""
+    return value.map(f) if isinstance(value, Rows) else f(value)
 
 
 def output_of(target: str, *transforms: Transform, index: int | tuple[int, ...] = 0, call: int = 0) -> Tap:
@@ -143,14 +154,14 @@ def llama_taps(paths: Mapping[str, str] = META_PATHS, *, half_split: bool = Fals
     }
 
 
-def _record(name: str, value: torch.Tensor, config: ModelConfig, prefix: str) -> None:
+def _record(name: str, value: torch.Tensor | Rows, config: ModelConfig, prefix: str) -> None:
     if "{head}" not in name:
         record(prefix + name, value)
         return
     if value.shape[0] != config.n_heads:
         raise HarnessError(f"adapter: {name} should give one entry per query head ({config.n_heads}), got shape {list(value.shape)}")
     for head in range(config.n_heads):
-        record(prefix + name.format(head=head), value[head])
+        record(prefix + name.format(head=head), _each(value, lambda x: x[head]))
 
 
 def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:

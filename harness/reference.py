@@ -25,29 +25,52 @@ from . import hf_layout
 from .adapter import Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .tracing import record
+from .tracing import Rows, kept_rows, record
 
 ATTENTION = "harness_traced"  # HF's eager attention, with a tap point for its scores
 ORACLE_PREFIX = "_oracle."
 
 
-def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+# The float64 oracle's attention runs a block of query rows at a time, at most this many scores per block (256 MiB in
+# float64: 512 rows of 8 heads at 8192 tokens, 128 rows of an 8B's 32 heads). Unblocked, one [H, T, T] float64 of the
+# tiny model at 8192 tokens is 4 GiB, and scores, masked scores and probs were held at once.
+ORACLE_BLOCK_ELEMENTS = 1 << 25
+
+
+def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: list[int] | None = None) -> torch.Tensor | Rows:
     """q_rotated @ k_rotated.T * scaling, before the mask, as eager attention computes them: a tap point.
 
-    query [1, H, T, hd], key [1, KV, T, hd] (before repeat_kv), in HF's half-split q/k order -> [1, H, T, T].
+    query [1, H, T, hd], key [1, KV, K, hd] (before repeat_kv), in HF's half-split q/k order -> [1, H, T, K]; with `rows`,
+    the scores of those query rows only, `Rows` of [1, H, len(rows), K] (what a trace keeps of a long prompt's).
     """
-    return torch.matmul(query, repeat_kv(key, query.shape[1] // key.shape[1]).transpose(2, 3)) * scaling
+    keys = repeat_kv(key, query.shape[1] // key.shape[1]).transpose(2, 3)  # [1, H, hd, K]
+    if rows is None:
+        return torch.matmul(query, keys) * scaling  # [1, H, T, K]
+    return Rows(torch.matmul(query[:, :, rows], keys) * scaling, rows, query.shape[2])  # [1, H, R, K] of [1, H, T, K]
 
 
 def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """HF's eager attention, unchanged (in float64: with a float64 softmax, not eager's float32 one), its scores
-    computed first through `attention_scores` so that an adapter can tap them. -> ([1, T, H, hd], probs [1, H, T, T])"""
-    scores = attention_scores(query, key, scaling)  # [1, H, T, T]
+    """HF's eager attention, unchanged, after the tap point for its scores (`attention_scores`, recomputed: only the
+    rows a trace keeps, so a long prompt never holds a second [H, T, K]). In float64 (the oracle) a block of query rows
+    at a time, with a float64 softmax, not eager's float32 one.
+    -> (output [1, T, H, hd], probs [1, H, T, K]; the oracle's as `Rows`, the rows a trace keeps, past FULL_SQUARE_MAX_T)"""
+    rows = kept_rows("scores", (query.shape[2], key.shape[2]))  # None: all of them, up to FULL_SQUARE_MAX_T tokens
+    attention_scores(query, key, scaling, rows)  # the tap point, for the adapter's wrapper to record
     if query.dtype != torch.float64:
         return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    probs = torch.softmax(scores + attention_mask, dim=-1)  # [1, H, T, T]
-    output = torch.matmul(probs, repeat_kv(value, module.num_key_value_groups))  # [1, H, T, hd]
-    return output.transpose(1, 2).contiguous(), probs  # [1, T, H, hd]
+    keys = repeat_kv(key, module.num_key_value_groups).transpose(2, 3)  # [1, H, hd, K]
+    values = repeat_kv(value, module.num_key_value_groups)  # [1, H, K, hd]
+    n_tokens, block = query.shape[2], max(1, ORACLE_BLOCK_ELEMENTS // (query.shape[1] * key.shape[2]))
+    outputs, kept = [], []
+    for start in range(0, n_tokens, block):
+        stop = min(start + block, n_tokens)
+        scores = torch.matmul(query[:, :, start:stop], keys) * scaling  # [1, H, B, K]
+        probs = torch.softmax(scores + attention_mask[:, :, start:stop], dim=-1)  # [1, H, B, K]
+        outputs.append(torch.matmul(probs, values))  # [1, H, B, hd]
+        kept.append(probs if rows is None else probs[:, :, [r - start for r in rows if start <= r < stop]])  # [1, H, b, K]
+    output = torch.cat(outputs, dim=2)  # [1, H, T, hd]
+    probs = torch.cat(kept, dim=2)  # [1, H, T or R, K]
+    return output.transpose(1, 2).contiguous(), probs if rows is None else Rows(probs, rows, n_tokens)  # [1, T, H, hd]
 
 
 def _attention(*args, **kwargs):
@@ -180,10 +203,13 @@ def _step_mask(n_tokens: int, start_pos: int, device: torch.device | str) -> tor
 
 
 def run_oracle(ckpt: Checkpoint, tokens: torch.Tensor, *, prefix: str = ORACLE_PREFIX, device: torch.device | str = "cpu",
-               chunk_rows: int = 16384, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
+               chunk_rows: int = 16384, start_pos: int = 0, cache: dict | None = None,
+               return_logits: bool = False) -> torch.Tensor | None:
     """The reference in float64, one decoder layer resident at a time (HF's own module classes, traced by the same
     adapter), logits in chunks of vocabulary rows: the oracle costs one layer's weights in float64, not the whole
     model's. Where HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in float64.
+    Logits: only the rows a trace keeps (every row up to FULL_LOGITS_MAX_ELEMENTS); with `return_logits` (a float64
+    reference is this run itself) every row, returned [T, V].
     Generation: with `cache` (a dict kept across steps) `tokens` sit at start_pos .. and use a float64 DynamicCache."""
     f64, config = torch.float64, ckpt.config
     cfg = hf_config(config)
@@ -213,10 +239,12 @@ def run_oracle(ckpt: Checkpoint, tokens: torch.Tensor, *, prefix: str = ORACLE_P
     h = _norm_float64(ckpt.tensor("norm.weight").to(device=device, dtype=f64), config.norm_eps)(x)[0]  # [T, D]
     record(prefix + "norm", h)
     weight = ckpt.tensor("output.weight")  # [V, D], read a chunk of rows at a time
-    logits = torch.cat([h @ weight[i : i + chunk_rows].to(device=device, dtype=f64).T
-                        for i in range(0, weight.shape[0], chunk_rows)], dim=-1)  # fmt: skip  [T, V]
-    record(prefix + "logits", logits)
-    return logits
+    rows = None if return_logits else kept_rows("logits", (len(ids), weight.shape[0]))  # an 8B's [8192, V] is 8 GiB
+    kept = h if rows is None else h[rows]  # [T or R, D]
+    logits = torch.cat([kept @ weight[i : i + chunk_rows].to(device=device, dtype=f64).T
+                        for i in range(0, weight.shape[0], chunk_rows)], dim=-1)  # fmt: skip  [T or R, V]
+    record(prefix + "logits", logits if rows is None else Rows(logits, rows, len(ids)))
+    return logits if return_logits else None
 
 
 def forward(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str,
@@ -225,7 +253,7 @@ def forward(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
     with `oracle` also its float64 run under `_oracle.NAME`. A float64 reference is that float64 run itself: HF's
     modules would compute norms, RoPE angles and softmax in float32."""
     if dtype == torch.float64:
-        return run_oracle(checkpoint, tokens, prefix="", device=device)
+        return run_oracle(checkpoint, tokens, prefix="", device=device, return_logits=True)
     logits = HUGGING_FACE(checkpoint, tokens, dtype=dtype, device=device)
     if oracle:
         run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device)
@@ -237,7 +265,8 @@ def decode(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, 
     """One generation step of the reference (the decode contract): HF with its DynamicCache; with `oracle` also the
     float64 oracle's step under `_oracle.NAME`, with a float64 cache of its own (re-reading one layer at a time)."""
     if dtype == torch.float64:
-        return run_oracle(checkpoint, tokens, prefix="", device=device, start_pos=start_pos, cache=cache)
+        return run_oracle(checkpoint, tokens, prefix="", device=device, start_pos=start_pos, cache=cache,
+                          return_logits=True)
     logits = HUGGING_FACE.decode(checkpoint, tokens, dtype=dtype, device=device, start_pos=start_pos, cache=cache)
     if oracle:
         run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device, start_pos=start_pos, cache=cache)

@@ -11,6 +11,7 @@ import os
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ _active: _Recorder | None = None
 ShapeCheck = Callable[[str, tuple[int, ...]], "str | None"]
 
 
-def record(name: str, tensor: torch.Tensor) -> None:
-    """Record `tensor` under the canonical `name` if a trace is open; costs one global lookup otherwise."""
+def record(name: str, tensor: torch.Tensor | Rows) -> None:
+    """Record `tensor` under the canonical `name` if a trace is open; costs one global lookup otherwise.
+
+    `tensor` may be `Rows`: the rows a trace keeps of a long [T, T] tensor computed by blocks, never held whole."""
     if _active is not None:
         _active.record(name, tensor)
 
@@ -116,8 +119,9 @@ def sampled_rows(n_rows: int) -> list[int]:
     return sorted(set(torch.linspace(0, n_rows - 1, SAMPLED_ROWS).round().long().tolist()))
 
 
-def _rows_kept(name: str, shape: tuple[int, ...]) -> list[int] | None:
-    """The rows of `name` a trace keeps, or None for all of them."""
+def kept_rows(name: str, shape: tuple[int, ...]) -> list[int] | None:
+    """The rows a trace keeps of `name` recorded with `shape` (by its last part: `scores`, `probs`, `logits`), or None
+    for all of them. A computation that never holds such a tensor whole computes these rows and records them as `Rows`."""
     part = name.rsplit(".", 1)[-1]
     if len(shape) != 2:
         return None
@@ -126,6 +130,44 @@ def _rows_kept(name: str, shape: tuple[int, ...]) -> list[int] | None:
     if part == "logits" and shape[0] * shape[1] > FULL_LOGITS_MAX_ELEMENTS and shape[0] > SAMPLED_ROWS:
         return sampled_rows(shape[0])
     return None
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of a tensor that was never held whole: `values` [..., len(rows), K] are the rows at positions `rows`
+    (increasing, along the second-to-last axis) of a tensor with `n_rows` of them, [..., n_rows, K].
+
+    For a long prompt computed a block of query rows at a time (the float64 oracle's attention): record
+    `Rows(values, kept_rows(name, shape), n_rows)` and the trace holds exactly what recording the whole tensor would have
+    (the same rows, `rows` and `full_shape` attributes); the shape check sees the whole tensor's shape.
+    """
+
+    values: torch.Tensor
+    rows: Sequence[int]
+    n_rows: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The whole tensor's shape."""
+        return (*self.values.shape[:-2], self.n_rows, self.values.shape[-1])
+
+    def map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Rows:
+        """`f` applied to the values: a layout change of the leading axes (drop the batch, pick a head)."""
+        return Rows(f(self.values), self.rows, self.n_rows)
+
+
+def _select_rows(name: str, given: Rows, keep: list[int] | None) -> torch.Tensor:
+    """The rows `keep` (None: every row) taken from those `given` holds; a row it lacks is an error naming it."""
+    wanted = list(range(given.n_rows)) if keep is None else keep
+    have = [int(r) for r in given.rows]
+    if have == wanted:
+        return given.values
+    where = {r: i for i, r in enumerate(have)}
+    if missing := [r for r in wanted if r not in where]:
+        kept = "every row" if keep is None else f"{len(keep)} sampled rows"
+        raise HarnessError(f"trace: {name!r} recorded as {len(have)} of its {given.n_rows} rows, without row {missing[0]} "
+                           f"({len(missing)} missing); a trace keeps {kept} of it (harness.tracing.kept_rows)")  # fmt: skip
+    return given.values.index_select(-2, torch.tensor([where[r] for r in wanted], device=given.values.device))
 
 
 def _storage(data: np.ndarray) -> dict[str, Any]:
@@ -149,31 +191,37 @@ class _Recorder:
             name = name.split(".", 1)[1]  # an extra is filtered by the name it extends: "_oracle.norm" as "norm"
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
-    def record(self, name: str, tensor: torch.Tensor) -> None:
+    def record(self, name: str, tensor: torch.Tensor | Rows) -> None:
         self.calls += 1
         if not self.wants(name):
             return
         path = canon.to_path(name)
         if path in self.file:
             raise HarnessError(f"trace: name {name!r} recorded twice")
-        t = torch.as_tensor(tensor).detach()
-        if self.check_shape is not None and (problem := self.check_shape(name, tuple(t.shape))):
+        given = tensor if isinstance(tensor, Rows) else None
+        t = given.values.detach() if given is not None else torch.as_tensor(tensor).detach()
+        shape = given.shape if given is not None else tuple(t.shape)  # the whole tensor's
+        if self.check_shape is not None and (problem := self.check_shape(name, shape)):
             raise HarnessError(problem)
+        if t.is_complex():
+            raise HarnessError(f"trace: {name!r} is complex; record real tensors")
+        rows = kept_rows(name, shape)
+        if given is not None:
+            t = _select_rows(name, given, rows)
+        elif rows is not None:
+            t = t[rows]  # before any conversion: a long [T, T] is never copied whole
         computed = str(t.dtype).removeprefix("torch.")
         if t.dtype == torch.bfloat16:
             t = t.float()  # HDF5 has no bfloat16; every bfloat16 value is exact in float32
-        elif t.is_complex():
-            raise HarnessError(f"trace: {name!r} is complex; record real tensors")
-        rows = _rows_kept(name, tuple(t.shape))
-        data = (t[rows] if rows is not None else t).cpu().numpy()
+        data = t.cpu().numpy()
         ds = self.file.create_dataset(path, data=data, **_storage(data))
         if rows is not None:
             ds.attrs["rows"] = np.asarray(rows, dtype=np.int64)  # the positions of the stored rows
-            ds.attrs["full_shape"] = np.asarray(t.shape, dtype=np.int64)
+            ds.attrs["full_shape"] = np.asarray(shape, dtype=np.int64)
         ds.attrs["name"] = name
         ds.attrs["dtype"] = computed
         ds.attrs["order"] = self.count
-        if (axes := canon.axes(name)) is not None and len(axes) == t.dim():
+        if (axes := canon.axes(name)) is not None and len(axes) == len(shape):
             ds.attrs["axes"] = ",".join(axes)
         self.count += 1
 
