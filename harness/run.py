@@ -66,7 +66,8 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
         raise HarnessError(f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is {ckpt.config.vocab_size}")
     tokens = encode_prompt(enc, prompt)
     if len(tokens) > ckpt.config.max_seq_len:
-        source = "params.json max_seq_len" if ckpt.format == "meta" else "config.json max_position_embeddings"
+        source = ("params.json max_seq_len, or without it 8192, 131072 with Llama 3.1 RoPE scaling" if ckpt.format == "meta"
+                  else "config.json max_position_embeddings, or without it 8192")  # fmt: skip
         raise HarnessError(f"{ckpt.path}: prompt is {len(tokens)} tokens, longer than the model's context of "
                            f"{ckpt.config.max_seq_len} ({source}); use a shorter prompt")  # fmt: skip
     return tokens
