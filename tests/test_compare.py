@@ -307,13 +307,18 @@ def test_an_error_growing_late_in_a_long_prompt_fails_at_its_first_position(tmp_
     last block of positions fails, and the name reports 3900 as its first failing position."""
     noise = torch.full((LONG,), 0.01, dtype=torch.float64)
     noise[3900:] = 0.2
-    r = compare_traces(*_long_traces(tmp_path, noise)).result(Q)
+    c = compare_traces(*_long_traces(tmp_path, noise))
+    r = c.result(Q)
     whole_ratio = r.rel_l2 / r.bound
     assert whole_ratio < 1, f"the whole-tensor rule alone passes this bug ({whole_ratio:.3g}): the test needs that"
     assert not r.passed and r.ratio > 3, r
     assert r.first_failing_position == 3900, r.first_failing_position
     assert len(r.blocks) == LONG // BLOCK_POSITIONS and r.blocks[-1]["positions"] == [LONG - BLOCK_POSITIONS, LONG - 1]
     assert all(blk["ratio"] < 0.5 for blk in r.blocks[:-1]) and r.blocks[-1]["ratio"] == pytest.approx(r.ratio)
+    from harness.report import describe_divergence, plot_positions
+
+    assert "first failing at position 3900; worst at positions 3840-4095" in describe_divergence(c), describe_divergence(c)
+    assert plot_positions(c, tmp_path / "positions.png") and (tmp_path / "positions.png").stat().st_size > 0
 
 
 def test_a_correct_long_prompt_passes_in_every_block(tmp_path):
@@ -359,3 +364,20 @@ def test_a_decode_step_reports_its_absolute_position(tmp_path):
     b = write_trace(tmp_path / "b.h5", {name: x * 1.5}, tokens=tokens, generate=3)
     r = compare_traces(a, b).result(name)
     assert not r.passed and r.worst_position == 6 and r.first_failing_position == 6, r
+
+
+def test_the_suite_message_says_where_along_the_prompt_a_name_fails():
+    """A failing name with blocks: the pytest message names its first failing position and its worst block."""
+    from types import SimpleNamespace
+
+    from harness import suite
+
+    result = {"passed": False, "rel_l2": 0.04, "bound": 0.05, "ratio": 3.06, "floor": 0.01, "max_abs": 1.0, "max_rel": 1.0,
+              "cosine": 0.999, "worst_position": 3908, "first_failing_position": 3900,
+              "blocks": [{"positions": [0, 3839], "ratio": 0.2}, {"positions": [3840, 4095], "ratio": 3.06}]}  # fmt: skip
+    run = SimpleNamespace(result=lambda name: result, comparison={"first_divergence": Q}, out=Path("out"),
+                          summary={"trace": "out/scratch.h5"})  # fmt: skip
+    case = SimpleNamespace(impl="scratch", id="tiny3.1-bfloat16")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        suite.check(lambda c: run, case, Q)
+    assert "first failing at position 3900; worst at positions 3840-4095, 3.06x their bound" in str(failed.value)
