@@ -77,7 +77,7 @@ def text_report(c: Comparison, n_worst: int = 10) -> str:
         lines.append(f"not compared: {len(c.only_in_a)} names only in A, {len(c.only_in_b)} only in B"
                      + (f" (e.g. {(c.only_in_a or c.only_in_b)[0]})"))  # fmt: skip
     header = f"{'name':<44} {'rel_l2':>9} {'floor':>9} {'bound':>9} {'ratio':>7}  {'cosine':>8}  worst"
-    lines += ["", f"worst {min(n_worst, len(c.results))} names (ratio = rel_l2 / bound; > 1 fails):", header]
+    lines += ["", f"worst {min(n_worst, len(c.results))} names (ratio = rel_l2 / bound, or its worst block's on a long prompt; > 1 fails):", header]
     for r in sorted(c.results, key=lambda r: -r.ratio)[:n_worst]:
         mark = " " if r.passed else "!"
         lines.append(f"{r.name:<44} {_fmt(r.rel_l2):>9} {_fmt(r.floor):>9} {_fmt(r.bound):>9} {_fmt(r.ratio):>7}{mark} "
