@@ -78,6 +78,9 @@ POOL_WEIGHT = 64
 # value) absorbs; a 2-token bfloat16 run reached 0.528 of the bound at a per-layer name of 192 values when only the
 # implementation's side was counted (the five-seed sweep of 2026-11-24), 0.49 with the floor's own spread counted.
 TAIL_Z = 3.9
+# A head's `output` counts at most its causal probs as samples (`independent_samples`): its row i is sum_j p_ij v_j, so
+# a probs error moves the whole row. Measured: on a 3-token bfloat16 prompt a correct run's head output erred 4.45%,
+# inheriting its probs' 4.16% (6 causal values), and reached 0.559 of a bound that counted its 48 values; 0.38 with 6.
 
 # Error along the sequence: a name with a position axis is also judged per block of positions, each block against
 # its own floor (pooled toward the name's as a group of POOL_WEIGHT values), and passes only when every block does.
@@ -522,12 +525,24 @@ def _reader(tensor: torch.Tensor) -> Reader:
 # ---- the verdict on one name --------------------------------------------------------------------------------------------
 
 
-def _oracle_allowance(own: Floor, group: Floor, dtype: str, pooled_with: bool) -> tuple[float, float]:
-    """(largest ||B - oracle|| allowed, floor per element) under the oracle rule, `own` pooled with `group`."""
+def _oracle_allowance(own: Floor, group: Floor, dtype: str, pooled_with: bool, samples: int | None = None) -> tuple[float, float]:
+    """(largest ||B - oracle|| allowed, floor per element) under the oracle rule, `own` pooled with `group`; `samples`:
+    how many independent errors the name's values carry, when fewer than its rounded values (`independent_samples`)."""
     floor = effective_floor(own, group)
     per_element = floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype] * max(own.truth_rms, group.truth_rms)
-    tail = small_sample_factor(own.n_rounded, own.n_rounded + (POOL_WEIGHT if pooled_with else 0))
+    n = own.n_rounded if samples is None else min(own.n_rounded, samples)
+    tail = small_sample_factor(n, n + (POOL_WEIGHT if pooled_with else 0))
     return FLOOR_FACTOR * tail * per_element * math.sqrt(own.n), floor
+
+
+def independent_samples(name: str, positions: list[int] | None) -> int | None:
+    """A head's `output` inherits its errors from its probs: row i is sum_j p_ij v_j, so an error in the i + 1 causal
+    probs of the row moves all head_dim values together. Its independent samples are at most its rows' causal probs,
+    sum (position + 1), not rows x head_dim (a 3-token prompt: 6, not 48). None for every other name."""
+    _, head, part = canon.parse(name)
+    if head is None or part != "output" or positions is None:
+        return None
+    return sum(p + 1 for p in positions)
 
 
 def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None = None, rtol: float | None = None,
@@ -541,17 +556,18 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
     floor = effective = None
     if stats.has_oracle:
         own = whole.floor()
-        allowed, per_element = _oracle_allowance(own, group or own, dtype, group is not None)
+        samples = independent_samples(name, stats.positions)
+        allowed, per_element = _oracle_allowance(own, group or own, dtype, group is not None, samples)
         floor = whole.relative(whole.ref_err2)
         effective = per_element * math.sqrt(own.n) / norm if norm > 0 else None
         name_floor = dataclasses.replace(own, error_rms=per_element)
 
-        def allowance(s: Sums) -> float:
-            return _oracle_allowance(s.floor(), name_floor, dtype, True)[0]
+        def allowance(s: Sums, lo: int, hi: int) -> float:
+            return _oracle_allowance(s.floor(), name_floor, dtype, True, independent_samples(name, stats.positions[lo:hi]))[0]
     else:
         allowed = _direct_bound(whole.truth2, whole.n, dtype, rtol, atol) * norm
 
-        def allowance(s: Sums) -> float:
+        def allowance(s: Sums, lo: int, hi: int) -> float:
             return _direct_bound(s.truth2, s.n, dtype, rtol, atol) * math.sqrt(s.truth2)
 
     ratio_of = lambda d, limit: d / limit if limit > 0 else (0.0 if d == 0 else math.inf)  # noqa: E731
@@ -563,7 +579,7 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
         blocks = []
         for (lo, hi), sums in zip(stats.blocks, stats.block_sums):
             s = Sums.of_rows(sums[None])
-            limit = allowance(s)
+            limit = allowance(s, lo, hi)
             block_ratio = ratio_of(math.sqrt(s.err2), limit)
             if block_ratio > 1 and first_failing is None:
                 first_failing = _first_row_over(stats, lo, hi, limit / math.sqrt(max(s.n, 1)))

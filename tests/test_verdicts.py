@@ -14,8 +14,8 @@ import torch
 
 from harness import record, scratch, tracing
 from harness.checkpoint import open_checkpoint
-from harness.compare import (ORACLE_PREFIX, Floor, compare_tensors, compare_traces, effective_floor, pooled,
-                             propagated_floor, small_sample_factor)  # fmt: skip
+from harness.compare import (ORACLE_PREFIX, Floor, compare_tensors, compare_traces, effective_floor,
+                             independent_samples, pooled, propagated_floor, small_sample_factor)  # fmt: skip
 from harness.runner import trace_reference
 from harness.runner import trace_scratch
 from harness.tracing import load_trace
@@ -191,3 +191,19 @@ def test_compare_tensors_alone_is_a_group_of_one():
     r = compare_tensors("layers.0.output", a, a, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16")
     assert r.passed and r.pooled_floor == pytest.approx(r.floor) and r.floor_ratio == pytest.approx(r.ratio * 5)
     assert ORACLE_PREFIX == "_oracle." and dataclasses.is_dataclass(Floor)
+
+
+def test_a_head_output_counts_its_causal_probs_as_samples():
+    """A 3-token head output [3, 16] carries 6 independent errors (its causal probs), not 48: a larger tail than a
+    per-layer name of the same values; a long prompt's head output is unaffected (more probs than values)."""
+    assert independent_samples("layers.2.attention.heads.4.output", [0, 1, 2]) == 6
+    assert independent_samples("steps.3.layers.0.attention.heads.0.output", [19]) == 20  # a decode row: its 20 keys
+    assert independent_samples("layers.2.attention.output", [0, 1, 2]) is None
+    assert independent_samples("layers.2.attention.heads.4.probs", [0, 1, 2]) is None
+    g = torch.Generator().manual_seed(3)
+    oracle = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    a = oracle + 0.01 * torch.randn(3, 16, generator=g, dtype=torch.float64)
+    head = compare_tensors("layers.0.attention.heads.0.output", a, a, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16")
+    layer = compare_tensors("layers.0.output", a, a, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16")
+    tail = small_sample_factor(6, 6) / small_sample_factor(48, 48)
+    assert head.bound == pytest.approx(layer.bound * tail, rel=1e-9), (head.bound, layer.bound)
