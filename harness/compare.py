@@ -207,12 +207,6 @@ def rel_l2(x: torch.Tensor, truth: torch.Tensor) -> float:
     return diff / norm
 
 
-def logits_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
-    """Per position: B's top-1 equals A's, overlap of the top-5 sets, KL(softmax(A) || softmax(B))."""
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # [T, V]
-    return _logits_summary(*_logits_rows(a, b), int(a[-1].argmax()), int(b[-1].argmax()))
-
-
 def _logits_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[list[bool], list[float], list[float]]:
     """(top-1 agrees, top-5 overlap, KL) of each row of A and B [R, V]: a chunk of rows at a time."""
     k = min(5, a.shape[-1])
@@ -252,11 +246,6 @@ def oracle_bound(floor: float, dtype: str, n: int) -> float:
     return FLOOR_FACTOR * small_sample_factor(n, n) * (floor + ABS_TERM_ULPS * UNIT_ROUNDOFF[dtype])
 
 
-def direct_bound(truth: torch.Tensor, dtype: str, rtol: float | None, atol: float | None) -> float:
-    """`||B - A|| <= rtol ||A|| + atol sqrt(n)` as a bound on rel_l2 (inf-free: a zero A gives atol's share)."""
-    return _direct_bound(float(truth.double().pow(2).sum()), truth.numel(), dtype, rtol, atol)
-
-
 def _direct_bound(truth2: float, n: int, dtype: str, rtol: float | None, atol: float | None) -> float:
     rtol = DIRECT_RTOL[dtype] if rtol is None else rtol
     atol = DIRECT_ATOL[dtype] if atol is None else atol
@@ -272,16 +261,6 @@ class Floor:
     truth_rms: float
     n: int
     n_rounded: int = 0  # values the reference did not get exactly (the samples of its rounding error)
-
-
-def floor_of(reference: torch.Tensor, truth: torch.Tensor) -> Floor:
-    """The floor statistics of one name (finite values only; tensors already restricted by `judged_part`)."""
-    finite = torch.isfinite(reference) & torch.isfinite(truth)
-    n = int(finite.sum())
-    if n == 0:
-        return Floor(0.0, 0.0, 0)
-    diff, t = (reference - truth)[finite], truth[finite]
-    return Floor(float(diff.pow(2).mean().sqrt()), float(t.pow(2).mean().sqrt()), n, int((diff != 0).sum()))
 
 
 def pooled(floors: list[Floor]) -> Floor:
@@ -313,24 +292,13 @@ def small_sample_factor(n: int, n_floor: int | None = None) -> float:
 
 
 def _causal_keep(n_keys: int, query_positions: torch.Tensor) -> torch.Tensor:
-    """[R, K]: True where key j is at or before row r's query position (the causal part of scores)."""
-    return torch.arange(n_keys)[None, :] <= query_positions[:, None]
-
-
-def judged_part(name: str, *tensors: torch.Tensor, rows: list[int] | None = None) -> list[torch.Tensor]:
-    """What a name is judged on: `scores` on its causal part (row i, keys 0..i), the rest whole.
+    """[R, K]: True where key j is at or before row r's query position: the part of `scores` judged.
 
     Real implementations record scores after the causal mask (-inf or the dtype's minimum above the diagonal), the
     harness's before it: zeroing above the diagonal on every side makes both recordings agree. A wrong mask still
-    changes `probs`, which is judged whole. `rows`: the positions of the stored rows, when a long prompt's trace keeps
-    sampled rows only. A generation step's [T, K] scores are aligned bottom-right (its queries are the last T keys).
-    """
-    if canon.parse(name)[2] != "scores" or tensors[0].dim() != 2:
-        return list(tensors)
-    n_rows, n_keys = tensors[0].shape
-    positions = torch.tensor(rows) if rows is not None else torch.arange(n_rows) + (n_keys - n_rows)  # [R]
-    keep = _causal_keep(n_keys, positions)
-    return [t.masked_fill(~keep, 0.0) for t in tensors]
+    changes `probs`, which is judged whole. A long prompt's sampled rows sit at their own positions; a generation
+    step's [T, K] scores are aligned bottom-right (its queries are the last T keys)."""
+    return torch.arange(n_keys)[None, :] <= query_positions[:, None]
 
 
 # ---- one name, streamed a chunk of rows at a time ---------------------------------------------------------------------
@@ -409,14 +377,10 @@ class NameStats:
             self.bad_sides_equal &= bool((bad_a == bad_b).all())
             self.bad_a |= bool(bad_a.any())
             self.bad_b |= bool(bad_b.any())
-        finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
-        zero = torch.zeros((), dtype=a.dtype)
-        ref_err = torch.where(finite, a - truth, zero)
-        err = torch.where(finite, b - truth, zero)
-        t = torch.where(finite, truth, zero)
+        finite, ref_err, err, t = _errors(a, b, truth)
         n_rows = a.shape[0] if a.dim() else 1
         row_sums = _row_sums(finite, ref_err, err, t)  # [R, 5]
-        b_f = torch.where(finite, b, zero)
+        b_f = torch.where(finite, b, torch.zeros((), dtype=b.dtype))
         self.b2 += float(b_f.pow(2).sum())
         self.bt += float((b_f * t).sum())
         abs_err = err.abs()
@@ -444,6 +408,13 @@ class NameStats:
         for kept, new in zip(self.logits, (top1, top5, kl)):
             kept += new
         self.next_tokens = (int(a[-1].argmax()), int(b[-1].argmax()))
+
+
+def _errors(a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(finite, A - truth, B - truth, truth), each zero where A, B or the truth is not finite."""
+    finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
+    zero = torch.zeros((), dtype=a.dtype)
+    return finite, torch.where(finite, a - truth, zero), torch.where(finite, b - truth, zero), torch.where(finite, truth, zero)
 
 
 def _row_sums(finite: torch.Tensor, ref_err: torch.Tensor, err: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -500,20 +471,17 @@ def accumulate(name: str, read_a: Reader, read_b: Reader, read_truth: Reader | N
     def reread(lo: int, hi: int) -> torch.Tensor:
         sums = []
         for r0 in range(lo, hi, step):
-            a, b, truth = judged(r0, min(hi, r0 + step))
-            finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
-            zero = torch.zeros((), dtype=a.dtype)
-            sums.append(_row_sums(finite, torch.where(finite, a - truth, zero), torch.where(finite, b - truth, zero),
-                                  torch.where(finite, truth, zero)))  # fmt: skip
+            sums.append(_row_sums(*_errors(*judged(r0, min(hi, r0 + step)))))
         return torch.cat(sums)  # [hi - lo, 5]
 
     stats.block_sums = torch.zeros(len(stats.blocks), 5, dtype=torch.float64)
     stats.reread = reread
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
+        a, b, truth = judged(r0, r1)  # logits are never masked: A and B as stored
         if is_logits:
-            stats.add_logits(read_a(r0, r1).double(), read_b(r0, r1).double())
-        row_sums = stats.add_chunk(r0, *judged(r0, r1))  # [R, 5]
+            stats.add_logits(a, b)
+        row_sums = stats.add_chunk(r0, a, b, truth)  # [R, 5]
         stats.block_sums.index_add_(0, block_of[r0:r1], row_sums)
     return stats
 
@@ -800,9 +768,9 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol
         oracles = set(ref.extra_names) if use_oracle else set()
         starts = _step_starts(ref, common)
         stats = {}
+        read = lambda trace, n: lambda r0, r1: trace.read_rows(n, r0, r1)  # noqa: E731
         for name in common:
             truth = ORACLE_PREFIX + name if ORACLE_PREFIX + name in oracles else None
-            read = lambda trace, n: lambda r0, r1: trace.read_rows(n, r0, r1)  # noqa: E731
             stats[name] = accumulate(name, read(ref, name), read(impl, name), read(ref, truth) if truth else None,
                                      ref.shape(name), rows=ref.rows(name), start=starts.get(canon.split_step(name)[0], 0))  # fmt: skip
         groups = group_floors(ref, stats) if use_oracle else {}
