@@ -62,8 +62,17 @@ def measure(label: str, checkpoint: Path, n_tokens: int, work: Path, phases: boo
     rows = []
 
     def add(what: str, wall: float, rss: float, nbytes: int | None, note: str = "") -> None:
-        rows.append(dict(shape=label, tokens=count, what=what, wall_s=round(wall, 1), peak_rss_gib=round(rss, 2),
-                         bytes=nbytes, note=note))  # fmt: skip
+        rows.append(
+            dict(
+                shape=label,
+                tokens=count,
+                what=what,
+                wall_s=round(wall, 1),
+                peak_rss_gib=round(rss, 2),
+                bytes=nbytes,
+                note=note,
+            )
+        )
         shown = "" if nbytes is None else f"{nbytes / 2**20:9.1f} MiB"
         print(f"{label:8} {count:6} {what:22} {wall:8.1f} s {rss:7.2f} GiB {shown:>13}  {note}", flush=True)
 
@@ -94,9 +103,13 @@ def sizes(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/llama3-long", help="where checkpoints, prompts and outputs go")
-    parser.add_argument("--tiny", default="128,512,2048,8192", help="prompt lengths on the tiny 3.1 checkpoint ('' for none)")
+    parser.add_argument(
+        "--tiny", default="128,512,2048,8192", help="prompt lengths on the tiny 3.1 checkpoint ('' for none)"
+    )
     parser.add_argument("--wide", default="512,2048", help="prompt lengths on the 8b-wide checkpoint ('' for none)")
-    parser.add_argument("--phases", action="store_true", help="also time trace reference, trace scratch and compare apart")
+    parser.add_argument(
+        "--phases", action="store_true", help="also time trace reference, trace scratch and compare apart"
+    )
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     work = Path(args.work)

@@ -48,7 +48,7 @@ def ensure(path: Path, *make_args: str) -> Path:
 
 
 # The forward with tracing off, on, and with no tap points at all (record(...) statements removed from the source).
-FORWARD_TIMER = r'''
+FORWARD_TIMER = r"""
 import ast, statistics, sys, tempfile, time, torch
 from pathlib import Path
 import harness.scratch as scratch
@@ -88,9 +88,9 @@ with torch.inference_mode():
         for key, fn in order[r % 3:] + order[:r % 3]:
             t = time.perf_counter(); fn(); times[key].append(time.perf_counter() - t)
 print({k: min(v) for k, v in times.items()})  # the least disturbed run of each
-'''
+"""
 
-BUILD_TIMER = r'''
+BUILD_TIMER = r"""
 import sys, time, torch, resource
 t = time.perf_counter()
 from harness.checkpoint import open_checkpoint
@@ -98,13 +98,21 @@ from harness.reference import build_model
 ckpt = open_checkpoint(sys.argv[1])
 model = build_model(ckpt, torch.bfloat16)
 print({"build_s": time.perf_counter() - t})
-'''
+"""
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = int(
+        next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    )
     return f"{os.cpu_count()} cores, {mem / 2**20:.0f} GiB RAM, {cpu}"
 
 
@@ -121,7 +129,9 @@ def main() -> None:
     rows: list[dict] = []
 
     def add(what: str, wall: float, rss: float | None = None, note: str = "") -> None:
-        rows.append(dict(what=what, wall_s=round(wall, 5), peak_rss_gb=None if rss is None else round(rss, 2), note=note))
+        rows.append(
+            dict(what=what, wall_s=round(wall, 5), peak_rss_gb=None if rss is None else round(rss, 2), note=note)
+        )
         shown = f"{wall:8.2f} s " if wall >= 1 else f"{wall * 1000:8.2f} ms"
         print(f"{what:55} {shown}  {'' if rss is None else f'{rss:6.2f} GB'}  {note}", flush=True)
 
@@ -141,16 +151,34 @@ def main() -> None:
 
 def measure_verify(args, work: Path, tiny: Path, wide: Path, add) -> None:
     walls = [run(harness("verify", str(tiny), "--out", str(work / "v-tiny"))) for _ in range(3)]
-    add("verify tiny (float32, imports included)", statistics.median(w for w, _, _ in walls), max(r for _, r, _ in walls))
+    add(
+        "verify tiny (float32, imports included)",
+        statistics.median(w for w, _, _ in walls),
+        max(r for _, r, _ in walls),
+    )
     walls = [run(harness("verify", str(tiny), "--dtype", "bfloat16", "--out", str(work / "v-tiny"))) for _ in range(3)]
-    add("verify tiny (bfloat16, imports included)", statistics.median(w for w, _, _ in walls), max(r for _, r, _ in walls))
+    add(
+        "verify tiny (bfloat16, imports included)",
+        statistics.median(w for w, _, _ in walls),
+        max(r for _, r, _ in walls),
+    )
 
     size = (wide / "consolidated.00.pth").stat().st_size / 2**30
     wall, rss, _ = run(harness("verify", str(wide), "--dtype", "bfloat16", "--out", str(work / "v-wide")))
-    add("verify 8b-wide (bfloat16)", wall, rss, f"checkpoint {size:.2f} GiB; target 1.3x + 1.5 = {1.3 * size + 1.5:.2f} GiB")
+    add(
+        "verify 8b-wide (bfloat16)",
+        wall,
+        rss,
+        f"checkpoint {size:.2f} GiB; target 1.3x + 1.5 = {1.3 * size + 1.5:.2f} GiB",
+    )
 
     wall, rss, out = run([sys.executable, "-c", BUILD_TIMER, str(wide)])
-    add("build the reference from Meta 8b-wide (bfloat16)", eval(out.strip().splitlines()[-1])["build_s"], rss, "imports excluded from the time")
+    add(
+        "build the reference from Meta 8b-wide (bfloat16)",
+        eval(out.strip().splitlines()[-1])["build_s"],
+        rss,
+        "imports excluded from the time",
+    )
 
     if args.full:
         full = ensure(work / "8b", "--shape", "8b")
@@ -161,19 +189,27 @@ def measure_verify(args, work: Path, tiny: Path, wide: Path, add) -> None:
 
 def measure_generate(work: Path, wide: Path, add, steps: int = 32) -> None:
     size = (wide / "consolidated.00.pth").stat().st_size / 2**30
-    wall, rss, out = run(harness("verify", str(wide), "--dtype", "bfloat16", "--generate", str(steps), "--out", str(work / "v-gen")))
+    wall, rss, out = run(
+        harness("verify", str(wide), "--dtype", "bfloat16", "--generate", str(steps), "--out", str(work / "v-gen"))
+    )
     verdict = next((line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))), "")[:60]
     add(f"verify 8b-wide --generate {steps} (bfloat16)", wall, rss, f"checkpoint {size:.2f} GiB; {verdict}")
 
 
 def measure_forward(args, tiny: Path, wide: Path, add) -> None:
-    for label, ckpt, dtype, repeat in (("tiny", tiny, "float32", 20 * args.repeat), ("8b-wide", wide, "bfloat16", args.repeat)):
+    for label, ckpt, dtype, repeat in (
+        ("tiny", tiny, "float32", 20 * args.repeat),
+        ("8b-wide", wide, "bfloat16", args.repeat),
+    ):
         _, _, out = run([sys.executable, "-c", FORWARD_TIMER, str(ckpt), dtype, str(repeat)])
         t = eval(out.strip().splitlines()[-1])
         for key in ("no_taps", "tracing_off", "tracing_on"):
-            add(f"scratch forward {label} ({dtype}), {key.replace('_', ' ')}", t[key], None,
-                f"{100 * (t[key] / t['no_taps'] - 1):+.1f}% vs no taps (best of {repeat})")
-
+            add(
+                f"scratch forward {label} ({dtype}), {key.replace('_', ' ')}",
+                t[key],
+                None,
+                f"{100 * (t[key] / t['no_taps'] - 1):+.1f}% vs no taps (best of {repeat})",
+            )
 
 
 if __name__ == "__main__":

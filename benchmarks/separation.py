@@ -31,8 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness import scratch  # noqa: E402
 from harness.checkpoint import open_checkpoint  # noqa: E402
 from harness.compare import compare_traces  # noqa: E402
-from harness.runner import trace_reference  # noqa: E402
-from harness.runner import trace_scratch  # noqa: E402
+from harness.runner import trace_reference, trace_scratch  # noqa: E402
 from harness.tiny import CORPUS, make_tiny_meta  # noqa: E402
 from harness.tokenizer import load_tokenizer  # noqa: E402
 
@@ -146,8 +145,11 @@ def correct_runs(work: Path, variants, seeds, dtypes, lengths, impls, rows: dict
                         if top.ratio > worst.get(key, (0.0,))[0]:
                             worst[key] = (top.ratio, f"{variant} seed {seed} {label}: {top.name}")
                         if not c.passed:
-                            print(f"  FALSE ALARM {variant} seed {seed} {dtype} T={len(c.tokens)} {label}: "
-                                  f"{c.first_divergence} at {top.ratio:.3g}x", flush=True)  # fmt: skip
+                            print(
+                                f"  FALSE ALARM {variant} seed {seed} {dtype} T={len(c.tokens)} {label}: "
+                                f"{c.first_divergence} at {top.ratio:.3g}x",
+                                flush=True,
+                            )
 
 
 def mutant_runs(work: Path, dtypes, lengths, rows: dict, weakest: dict, misses: list) -> None:
@@ -171,7 +173,9 @@ def mutant_runs(work: Path, dtypes, lengths, rows: dict, weakest: dict, misses: 
                 ratio = own.ratio if own is not None else float("nan")
                 key = (dtype, len(c.tokens))
                 if c.first_divergence != m.first:
-                    misses.append(f"{m.id} {dtype} T={len(c.tokens)}: first {c.first_divergence}, own name at {ratio:.3g}x")
+                    misses.append(
+                        f"{m.id} {dtype} T={len(c.tokens)}: first {c.first_divergence}, own name at {ratio:.3g}x"
+                    )
                     continue
                 if ratio < rows[key].get("mutant", float("inf")):
                     rows[key]["mutant"] = ratio
@@ -213,13 +217,17 @@ def main() -> None:
         work = Path(tmp)
         correct_runs(work, variants, seeds, dtypes, lengths, impls, rows, worst)
         mutant_runs(work, dtypes, mutant_lengths, rows, weakest, misses)
-    print(f"\n{datetime.date.today()} {platform.node()} torch {torch.__version__}, {time.time() - start:.0f} s"
-          f"{' (--quick)' if args.quick else ''}")  # fmt: skip
-    print(f"| dtype | prompt (T) | worst correct run | ratio | weakest mutant | ratio |\n|---|---|---|---|---|---|")
+    print(
+        f"\n{datetime.date.today()} {platform.node()} torch {torch.__version__}, {time.time() - start:.0f} s"
+        f"{' (--quick)' if args.quick else ''}"
+    )
+    print("| dtype | prompt (T) | worst correct run | ratio | weakest mutant | ratio |\n|---|---|---|---|---|---|")
     for (dtype, n), row in sorted(rows.items(), key=lambda kv: (dtypes.index(kv[0][0]), kv[0][1])):
         c, mu = row.get("correct"), row.get("mutant")
-        print(f"| {dtype} | {n} | {worst.get((dtype, n), ('', '-'))[1]} | {'-' if c is None else f'{c:.3g}'} | "
-              f"{weakest.get((dtype, n), '-')} | {'-' if mu is None else f'{mu:.3g}'} |")  # fmt: skip
+        print(
+            f"| {dtype} | {n} | {worst.get((dtype, n), ('', '-'))[1]} | {'-' if c is None else f'{c:.3g}'} | "
+            f"{weakest.get((dtype, n), '-')} | {'-' if mu is None else f'{mu:.3g}'} |"
+        )
     if misses:
         print("\nmutants not first at their own name:\n  " + "\n  ".join(misses))
     if args.json:

@@ -30,9 +30,17 @@ def model_parallel() -> None:
 
 def build(checkpoint, dtype, device):
     model_parallel()
-    c = checkpoint.config  # ModelArgs takes params.json's keys and ignores others, as llama-models' own loader relies on
-    args = ModelArgs(**{**c.to_dict(), "use_scaled_rope": c.rope_scaling is not None,  # factor 8, hard-coded
-                        "max_batch_size": 1, "max_seq_len": min(c.max_seq_len, MAX_SEQ_LEN)})  # fmt: skip
+    c = (
+        checkpoint.config
+    )  # ModelArgs takes params.json's keys and ignores others, as llama-models' own loader relies on
+    args = ModelArgs(
+        **{
+            **c.to_dict(),
+            "use_scaled_rope": c.rope_scaling is not None,  # factor 8, hard-coded
+            "max_batch_size": 1,
+            "max_seq_len": min(c.max_seq_len, MAX_SEQ_LEN),
+        }
+    )
     with torch.device(device):
         model = Transformer(args)
     model.load_state_dict({name: checkpoint.tensor(name) for name in checkpoint.names()})  # Meta's names, 1:1
@@ -44,7 +52,9 @@ _HEAD = "layers.{layer}.attention.heads.{head}"
 TAPS = llama_taps() | {  # its modules have Meta's names: the default paths
     f"{_HEAD}.q_rotated": output_of(_ROPE, drop_batch, heads_first, index=0),
     f"{_HEAD}.k_rotated": output_of(_ROPE, drop_batch, heads_first, kv_to_query_heads, index=1),
-    f"{_HEAD}.scores": input_of("torch.nn.functional:softmax", drop_batch),  # masked and scaled: compare takes the causal part
+    f"{_HEAD}.scores": input_of(
+        "torch.nn.functional:softmax", drop_batch
+    ),  # masked and scaled: compare takes the causal part
     f"{_HEAD}.probs": output_of("torch.nn.functional:softmax", drop_batch),  # [1, H, T, T], float32 in every dtype
 }
 _REPEAT_KV = "llama_models.llama3.model:repeat_kv"  # the cache attended [1, K, KV, hd]: keys (call 0), values (1)
@@ -53,7 +63,12 @@ CACHE_TAPS = {
     f"{_HEAD}.cache_v": input_of(_REPEAT_KV, drop_batch, heads_first, kv_to_query_heads, call=1),
 }
 
-ADAPTER = Adapter(build=build, taps=TAPS, layers="layers.{layer}", final_norm="norm",
-                  run=lambda model, tokens: model(tokens[None], start_pos=0),
-                  run_step=lambda model, tokens, start_pos, cache: model(tokens[None], start_pos=start_pos),
-                  cache_taps=CACHE_TAPS)  # fmt: skip
+ADAPTER = Adapter(
+    build=build,
+    taps=TAPS,
+    layers="layers.{layer}",
+    final_norm="norm",
+    run=lambda model, tokens: model(tokens[None], start_pos=0),
+    run_step=lambda model, tokens, start_pos, cache: model(tokens[None], start_pos=start_pos),
+    cache_taps=CACHE_TAPS,
+)

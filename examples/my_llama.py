@@ -58,8 +58,17 @@ def forward(checkpoint, tokens, *, dtype, device, start_pos=0, cache=None):
             output = probs @ values  # [T, hd]
             h = f"{p}attention.heads.{head}."
             cached = dict(cache_k=keys, cache_v=values) if cache is not None else {}
-            for name, value in dict(q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, **cached, scores=scores,
-                                    probs=probs, output=output).items():  # fmt: skip
+            for name, value in dict(
+                q=q,
+                k=k,
+                v=v,
+                q_rotated=q_rotated,
+                k_rotated=k_rotated,
+                **cached,
+                scores=scores,
+                probs=probs,
+                output=output,
+            ).items():
                 harness.record(h + name, value)
             heads.append(output)
         attention = torch.cat(heads, dim=-1) @ weight(p + "attention.wo.weight").T  # [T, D]
@@ -94,7 +103,12 @@ def scale_frequencies(freqs, s):
     """Llama 3.1's `apply_scaling`: wavelengths over original/low_freq_factor divided by `factor`, under
     original/high_freq_factor kept, smoothly mixed between."""
     wavelen = 2 * torch.pi / freqs
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
     mixed = (1 - smooth) * freqs / s.factor + smooth * freqs
-    low, high = s.original_max_position_embeddings / s.low_freq_factor, s.original_max_position_embeddings / s.high_freq_factor
+    low, high = (
+        s.original_max_position_embeddings / s.low_freq_factor,
+        s.original_max_position_embeddings / s.high_freq_factor,
+    )
     return torch.where(wavelen > low, freqs / s.factor, torch.where(wavelen < high, freqs, mixed))

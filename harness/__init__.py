@@ -10,4 +10,14 @@ from .errors import HarnessError
 from .isolation import layer_input
 from .tracing import Rows, Trace, is_tracing, load_trace, record, tracing
 
-__all__ = ["HarnessError", "Rows", "Trace", "is_tracing", "layer_input", "load_trace", "record", "tracing", "__version__"]
+__all__ = [
+    "HarnessError",
+    "Rows",
+    "Trace",
+    "is_tracing",
+    "layer_input",
+    "load_trace",
+    "record",
+    "tracing",
+    "__version__",
+]

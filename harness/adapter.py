@@ -114,10 +114,19 @@ def input_of(target: str, *transforms: Transform, index: int | tuple[int, ...] =
 
 # Where a Llama's modules sit, by Meta's module names (llama/model.py); those inside a layer relative to it.
 META_PATHS = {
-    "tok_embeddings": "tok_embeddings", "layers": "layers.{layer}", "attention_norm": "attention_norm",
-    "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo", "ffn_norm": "ffn_norm",
-    "w1": "feed_forward.w1", "w3": "feed_forward.w3", "w2": "feed_forward.w2", "norm": "norm",
-}  # fmt: skip
+    "tok_embeddings": "tok_embeddings",
+    "layers": "layers.{layer}",
+    "attention_norm": "attention_norm",
+    "wq": "attention.wq",
+    "wk": "attention.wk",
+    "wv": "attention.wv",
+    "wo": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "w1": "feed_forward.w1",
+    "w3": "feed_forward.w3",
+    "w2": "feed_forward.w2",
+    "norm": "norm",
+}
 
 
 def llama_taps(paths: Mapping[str, str] = META_PATHS, *, half_split: bool = False) -> dict[str, Tap]:
@@ -159,7 +168,9 @@ def _record(name: str, value: torch.Tensor | Rows, config: ModelConfig, prefix: 
         record(prefix + name, value)
         return
     if value.shape[0] != config.n_heads:
-        raise HarnessError(f"adapter: {name} should give one entry per query head ({config.n_heads}), got shape {list(value.shape)}")
+        raise HarnessError(
+            f"adapter: {name} should give one entry per query head ({config.n_heads}), got shape {list(value.shape)}"
+        )
     for head in range(config.n_heads):
         record(prefix + name.format(head=head), _each(value, lambda x: x[head]))
 
@@ -216,15 +227,24 @@ class Adapter:
     run_step: Callable[[torch.nn.Module, torch.Tensor, int, dict], Any] | None = None
     cache_taps: Mapping[str, Tap] = dataclasses.field(default_factory=dict)
 
-    def __call__(self, checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
-                 device: torch.device | str) -> torch.Tensor:
+    def __call__(
+        self, checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str
+    ) -> torch.Tensor:
         module = self.build(checkpoint, dtype, torch.device(device))
         with self.attached(module, checkpoint.config):
             logits = _logits_of(self.run(module, tokens.to(device)))
         return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
 
-    def decode(self, checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str,
-               start_pos: int, cache: dict) -> torch.Tensor:
+    def decode(
+        self,
+        checkpoint: Checkpoint,
+        tokens: torch.Tensor,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        start_pos: int,
+        cache: dict,
+    ) -> torch.Tensor:
         """One generation step (the decode contract): the module built at the prefill, kept in `cache`."""
         if "_module" not in cache:
             cache["_module"] = self.build(checkpoint, dtype, torch.device(device))
@@ -234,8 +254,15 @@ class Adapter:
         return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
 
     @contextmanager
-    def attached(self, root: torch.nn.Module, config: ModelConfig, *, prefix: str = "",
-                 layer: int | None = None, cache: bool = False) -> Iterator[None]:
+    def attached(
+        self,
+        root: torch.nn.Module,
+        config: ModelConfig,
+        *,
+        prefix: str = "",
+        layer: int | None = None,
+        cache: bool = False,
+    ) -> Iterator[None]:
         """Hooks and function wrappers on `root` for the duration of the block; names recorded under `prefix`.
 
         With `layer`, `root` is that one decoder layer (the float64 oracle builds them one at a time): only the taps
@@ -246,7 +273,9 @@ class Adapter:
             layers = [layer] if layer is not None else range(config.n_layers)
             if layer is None:
                 for index in layers:
-                    stack.enter_context(_layer_pre_hook(submodule(root, self.layers.format(layer=index)), index, current))
+                    stack.enter_context(
+                        _layer_pre_hook(submodule(root, self.layers.format(layer=index)), index, current)
+                    )
                 stack.enter_context(_layer_pre_hook(submodule(root, self.final_norm), config.n_layers, current))
             by_function: dict[str, list[tuple[str, Tap]]] = {}
             for name, tap in ({**self.taps, **self.cache_taps} if cache else self.taps).items():
@@ -256,11 +285,13 @@ class Adapter:
                 per_layer = "{layer}" in tap.target
                 if layer is not None and not per_layer:
                     continue
-                for index in (layers if per_layer else [None]):
+                for index in layers if per_layer else [None]:
                     path = tap.target.format(layer=index) if per_layer else tap.target
                     if layer is not None:
                         path = path.removeprefix(self.layers.format(layer=index)).removeprefix(".")
-                    hook = _module_hook(name.format(layer=index, head="{head}") if per_layer else name, tap, config, prefix)
+                    hook = _module_hook(
+                        name.format(layer=index, head="{head}") if per_layer else name, tap, config, prefix
+                    )
                     stack.callback(submodule(root, path).register_forward_hook(hook).remove)
             for target, taps in by_function.items():
                 stack.enter_context(_wrapped(target, taps, current, config, prefix))
@@ -304,7 +335,9 @@ def _module_hook(name: str, tap: Tap, config: ModelConfig, prefix: str):
 
 
 @contextmanager
-def _wrapped(target: str, taps: list[tuple[str, Tap]], current: _Layer, config: ModelConfig, prefix: str) -> Iterator[None]:
+def _wrapped(
+    target: str, taps: list[tuple[str, Tap]], current: _Layer, config: ModelConfig, prefix: str
+) -> Iterator[None]:
     """Replace `package.module:function` for the run by a wrapper that records its inputs/outputs."""
     module, attr = _function(target)
     original = getattr(module, attr)
@@ -316,7 +349,9 @@ def _wrapped(target: str, taps: list[tuple[str, Tap]], current: _Layer, config: 
             if tap.call == call:
                 if "{layer}" in name and current.index is None:
                     raise HarnessError(f"adapter: {target} was called outside a decoder layer; cannot name {name!r}")
-                _record(name.format(layer=current.index, head="{head}"), tap.value(args, output, config), config, prefix)
+                _record(
+                    name.format(layer=current.index, head="{head}"), tap.value(args, output, config), config, prefix
+                )
         return output
 
     setattr(module, attr, wrapper)

@@ -24,11 +24,19 @@ from .errors import HarnessError
 
 # Model-parallel split dimension of each Meta tensor (None: replicated in every shard).
 _SPLIT_DIM = {
-    "tok_embeddings": 0, "output": 0,
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
-    "wo": 1, "w2": 1,
-    "attention_norm": None, "ffn_norm": None, "norm": None,
-}  # fmt: skip
+    "tok_embeddings": 0,
+    "output": 0,
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "wo": 1,
+    "w2": 1,
+    "attention_norm": None,
+    "ffn_norm": None,
+    "norm": None,
+}
 _IGNORED = {"rope.freqs"}  # present in Llama 2 checkpoints; Llama 3 recomputes it
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
@@ -51,12 +59,19 @@ def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     c, hd = config, config.head_dim
     part = name.removesuffix(".weight").split(".")[-1]
     return {
-        "tok_embeddings": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim),
-        "wq": (c.n_heads * hd, c.dim), "wk": (c.n_kv_heads * hd, c.dim), "wv": (c.n_kv_heads * hd, c.dim),
+        "tok_embeddings": (c.vocab_size, c.dim),
+        "output": (c.vocab_size, c.dim),
+        "wq": (c.n_heads * hd, c.dim),
+        "wk": (c.n_kv_heads * hd, c.dim),
+        "wv": (c.n_kv_heads * hd, c.dim),
         "wo": (c.dim, c.n_heads * hd),
-        "w1": (c.ffn_dim, c.dim), "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim),
-        "attention_norm": (c.dim,), "ffn_norm": (c.dim,), "norm": (c.dim,),
-    }[part]  # fmt: skip
+        "w1": (c.ffn_dim, c.dim),
+        "w3": (c.ffn_dim, c.dim),
+        "w2": (c.dim, c.ffn_dim),
+        "attention_norm": (c.dim,),
+        "ffn_norm": (c.dim,),
+        "norm": (c.dim,),
+    }[part]
 
 
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
@@ -69,13 +84,16 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it did not write; errors say enough
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise HarnessError(f"{path}: refused to load: the pickle asks for more than tensors ({_refusal(e)}); "
-                           "nothing from it was run") from None  # fmt: skip
+        raise HarnessError(
+            f"{path}: refused to load: the pickle asks for more than tensors ({_refusal(e)}); nothing from it was run"
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
         # torch's own messages (RuntimeError) say what broke; the unpickler's KeyError/EOFError say nothing useful
         message = str(e).strip()
         detail = message.splitlines()[0].split(". ")[0] if isinstance(e, RuntimeError) and message else type(e).__name__
-        raise HarnessError(f"{path}: cannot read checkpoint shard: truncated or not a PyTorch file ({detail})") from None
+        raise HarnessError(
+            f"{path}: cannot read checkpoint shard: truncated or not a PyTorch file ({detail})"
+        ) from None
     if not isinstance(sd, dict):
         raise HarnessError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     for key, value in sd.items():
@@ -87,7 +105,9 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
 def _refusal(e: pickle.UnpicklingError) -> str:
     """The line of torch's weights-only error that says what the pickle asked for (e.g. 'GLOBAL posix.system')."""
     lines = [line.strip() for line in str(e).splitlines()]
-    return next((line.rstrip(".") for line in lines if line.startswith(("Trying to load", "Unsupported"))), "not plain tensors")
+    return next(
+        (line.rstrip(".") for line in lines if line.startswith(("Trying to load", "Unsupported"))), "not plain tensors"
+    )
 
 
 @dataclass
@@ -163,9 +183,19 @@ class Checkpoint:
         The same weights in Meta or HF layout give the same fingerprint.
         """
         c = self.config
-        fields = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-                      ffn_dim=c.ffn_dim, norm_eps=c.norm_eps, rope_theta=c.rope_theta, head_dim=c.head_dim,
-                      rope_scaling=c.to_dict()["rope_scaling"], tie_word_embeddings=c.tie_word_embeddings)  # fmt: skip
+        fields = dict(
+            dim=c.dim,
+            n_layers=c.n_layers,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            vocab_size=c.vocab_size,
+            ffn_dim=c.ffn_dim,
+            norm_eps=c.norm_eps,
+            rope_theta=c.rope_theta,
+            head_dim=c.head_dim,
+            rope_scaling=c.to_dict()["rope_scaling"],
+            tie_word_embeddings=c.tie_word_embeddings,
+        )
         h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
         for name in self.names():
             h.update(f"{name}{self.shape(name)}{self.dtype(name)}".encode())
@@ -202,18 +232,24 @@ def _open_meta(path: Path) -> Checkpoint:
         raise HarnessError(f"{path}: no consolidated.NN.pth shard found beside params.json")
     numbers = [int(m[1]) if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)) else -1 for f in shard_files]
     if numbers != list(range(len(shard_files))):
-        raise HarnessError(f"{path}: shards must be numbered consolidated.00.pth .. {len(shard_files) - 1:02d}, found {[f.name for f in shard_files]}")
+        raise HarnessError(
+            f"{path}: shards must be numbered consolidated.00.pth .. {len(shard_files) - 1:02d}, found {[f.name for f in shard_files]}"
+        )
     shards = [load_pth(f) for f in shard_files]
     keys = set(shards[0]) - _IGNORED
     for f, s in zip(shard_files[1:], shards[1:]):
         if set(s) - _IGNORED != keys:
             diff = sorted((set(s) - _IGNORED) ^ keys)[:3]
-            raise HarnessError(f"{f}: shards do not fit together: tensor names differ from {shard_files[0].name} ({diff})")
+            raise HarnessError(
+                f"{f}: shards do not fit together: tensor names differ from {shard_files[0].name} ({diff})"
+            )
     config = config_from_params_json(path / "params.json")
     known = set(meta_names(config))
     for name in sorted(keys):
         if name not in known:
-            raise HarnessError(f"{shard_files[0]}: unexpected tensor {name!r} for the n_layers={config.n_layers} in params.json")
+            raise HarnessError(
+                f"{shard_files[0]}: unexpected tensor {name!r} for the n_layers={config.n_layers} in params.json"
+            )
         dim = split_dim(name)
         shapes = [tuple(s[name].shape) for s in shards]
         others = [tuple(d for i, d in enumerate(sh) if i != dim) for sh in shapes]
@@ -224,13 +260,17 @@ def _open_meta(path: Path) -> Checkpoint:
             raise HarnessError(f"{path}: shards do not fit together: replicated tensor {name} differs between shards")
     if "output.weight" in keys:
         out, emb = shards[0]["output.weight"], shards[0]["tok_embeddings.weight"]
-        tied = out.shape == emb.shape and all(torch.equal(s["output.weight"], s["tok_embeddings.weight"]) for s in shards)
+        tied = out.shape == emb.shape and all(
+            torch.equal(s["output.weight"], s["tok_embeddings.weight"]) for s in shards
+        )
     else:
         tied = True
     config = dataclasses.replace(config, tie_word_embeddings=tied)
     missing = [n for n in meta_names(config) if n not in keys and not (n == "output.weight" and tied)]
     if missing:
-        raise HarnessError(f"{shard_files[0]}: required tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+        raise HarnessError(
+            f"{shard_files[0]}: required tensor {missing[0]!r} is missing ({len(missing)} missing in all)"
+        )
     if "output.weight" not in keys:
         for s in shards:
             s["output.weight"] = s["tok_embeddings.weight"]

@@ -24,7 +24,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
     make_tiny(Path(args.dir), seed=args.seed, variant=args.variant, fmt=args.format, shape=args.shape)
-    print(f"wrote a {args.shape} Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) to {args.dir}")
+    print(
+        f"wrote a {args.shape} Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) to {args.dir}"
+    )
     return 0
 
 
@@ -35,17 +37,27 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.vectorized and args.impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
     impl = resolve(args.impl, vectorized=args.vectorized, progress=sys.stderr.isatty())
-    run = make_run(args.checkpoint, prompt=_prompt(args), dtype=args.dtype, device=args.device, names=args.names,
-                   generate=args.generate)  # fmt: skip
+    run = make_run(
+        args.checkpoint,
+        prompt=_prompt(args),
+        dtype=args.dtype,
+        device=args.device,
+        names=args.names,
+        generate=args.generate,
+    )
     logits = trace(run, impl, args.out)
     if args.generate:
         generated = logits[len(run.tokens) - 1 :].float().argmax(-1).tolist()  # each step's greedy token
-        print(f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens + {args.generate} decode steps): generated "
-              f"{''.join(map(run.text, generated))!r}; trace written to {args.out}")  # fmt: skip
+        print(
+            f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens + {args.generate} decode steps): generated "
+            f"{''.join(map(run.text, generated))!r}; trace written to {args.out}"
+        )
         return 0
     token = int(logits[-1].float().argmax())
-    print(f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens): next token {run.text(token)!r} (id {token}); "
-          f"trace written to {args.out}")  # fmt: skip
+    print(
+        f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens): next token {run.text(token)!r} (id {token}); "
+        f"trace written to {args.out}"
+    )
     return 0
 
 
@@ -75,9 +87,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .report import text_report
     from .verify import verify
 
-    result = verify(args.checkpoint, out=args.out, dtype=args.dtype, prompt=_prompt(args), isolated=args.isolated,
-                    device=args.device, progress=sys.stderr.isatty(), impl=args.impl, vectorized=args.vectorized,
-                    generate=args.generate)  # fmt: skip
+    result = verify(
+        args.checkpoint,
+        out=args.out,
+        dtype=args.dtype,
+        prompt=_prompt(args),
+        isolated=args.isolated,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+        impl=args.impl,
+        vectorized=args.vectorized,
+        generate=args.generate,
+    )
     print(text_report(result.comparison))
     if args.generate:
         from .report import generation_lines
@@ -85,9 +106,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("\n".join(generation_lines(result)))
         print(f"traces, comparison.json and report.html written to {result.out}")
         return 0 if result.passed else 1
-    print(f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
-          f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})")  # fmt: skip
-    print(f"prompt: {len(result.comparison.tokens or [])} tokens; traces, comparison.json and report.html written to {result.out}")
+    print(
+        f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
+        f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})"
+    )
+    print(
+        f"prompt: {len(result.comparison.tokens or [])} tokens; traces, comparison.json and report.html written to {result.out}"
+    )
     return 0 if result.passed else 1
 
 
@@ -117,14 +142,23 @@ IMPL_HELP = "scratch, reference, MODULE:ATTR or path/to/file.py:ATTR: a forward(
 
 
 def _add_generate_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--generate", type=int, default=0, metavar="N",
-                   help="a prefill, then N decode steps of one token with a KV cache, traced as steps.{s}.NAME")
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a prefill, then N decode steps of one token with a KV cache, traced as steps.{s}.NAME",
+    )
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="text after <|begin_of_text|> (default: the notebook's)")
-    prompt.add_argument("--prompt-file", metavar="FILE", help="the prompt is this UTF-8 file's text, as it is (long prompts)")
+    prompt.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="text after <|begin_of_text|> (default: the notebook's)"
+    )
+    prompt.add_argument(
+        "--prompt-file", metavar="FILE", help="the prompt is this UTF-8 file's text, as it is (long prompts)"
+    )
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="working dtype of the forward")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
@@ -146,8 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", default="3.0", choices=["3.0", "3.1", "3.2"])
     p.add_argument("--format", default="meta", choices=["meta", "hf"])
-    p.add_argument("--shape", default="tiny", choices=["tiny", "8b-wide", "8b"],
-                   help="tiny (default), or the Llama-3-8B's width and vocabulary with 2 layers (8b-wide) or 32 (8b)")
+    p.add_argument(
+        "--shape",
+        default="tiny",
+        choices=["tiny", "8b-wide", "8b"],
+        help="tiny (default), or the Llama-3-8B's width and vocabulary with 2 layers (8b-wide) or 32 (8b)",
+    )
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("trace", help="run one implementation and record every intermediate to HDF5")
@@ -155,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="scratch", metavar="IMPL", help=IMPL_HELP + " (default: scratch)")
     p.add_argument("--out", required=True, help="trace file to write (.h5)")
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
-    p.add_argument("--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)")
+    p.add_argument(
+        "--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)"
+    )
     _add_run_options(p)
     _add_generate_option(p)
     p.set_defaults(func=cmd_trace)
@@ -174,19 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="fixed RMS absolute term against A (instead of the oracle rule)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("verify", help="trace the reference and an implementation (the from-scratch forward by default), compare, write a report")
+    p = sub.add_parser(
+        "verify",
+        help="trace the reference and an implementation (the from-scratch forward by default), compare, write a report",
+    )
     p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
     p.add_argument("--out", default="verify-out", help="folder for traces and report (default: ./verify-out)")
     p.add_argument("--impl", default="scratch", metavar="IMPL", help=IMPL_HELP + " (default: scratch)")
-    p.add_argument("--isolated", action="store_true", help="feed each layer of the implementation the reference's input to it")
-    p.add_argument("--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)")
+    p.add_argument(
+        "--isolated", action="store_true", help="feed each layer of the implementation the reference's input to it"
+    )
+    p.add_argument(
+        "--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)"
+    )
     _add_run_options(p)
     _add_generate_option(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("golden", help="check today's scratch traces against golden/ (or rewrite them with --update)")
     p.add_argument("--update", action="store_true", help="rewrite the golden traces and manifest.json")
-    p.add_argument("--golden-dir", default=str(Path(__file__).resolve().parent.parent / "golden"), help="default: golden/ of this checkout")
+    p.add_argument(
+        "--golden-dir",
+        default=str(Path(__file__).resolve().parent.parent / "golden"),
+        help="default: golden/ of this checkout",
+    )
     p.set_defaults(func=cmd_golden)
     return parser
 

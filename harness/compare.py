@@ -179,8 +179,13 @@ class Comparison:
             "swapped": self.swapped,
             "only_in_a": self.only_in_a,
             "only_in_b": self.only_in_b,
-            "constants": {"floor_factor": FLOOR_FACTOR, "abs_term_ulps": ABS_TERM_ULPS, "pool_weight": POOL_WEIGHT, "tail_z": TAIL_Z,
-                          "block_positions": BLOCK_POSITIONS},
+            "constants": {
+                "floor_factor": FLOOR_FACTOR,
+                "abs_term_ulps": ABS_TERM_ULPS,
+                "pool_weight": POOL_WEIGHT,
+                "tail_z": TAIL_Z,
+                "block_positions": BLOCK_POSITIONS,
+            },
             "results": [_finite_json(asdict(r)) for r in self.results],
         }
 
@@ -269,7 +274,9 @@ def pooled(floors: list[Floor]) -> Floor:
     if n == 0:
         return Floor(0.0, 0.0, 0)
     rms = lambda xs: math.sqrt(sum(f.n * x**2 for f, x in zip(floors, xs)) / n)  # noqa: E731
-    return Floor(rms([f.error_rms for f in floors]), rms([f.truth_rms for f in floors]), n, sum(f.n_rounded for f in floors))
+    return Floor(
+        rms([f.error_rms for f in floors]), rms([f.truth_rms for f in floors]), n, sum(f.n_rounded for f in floors)
+    )
 
 
 def effective_floor(own: Floor, group: Floor) -> float:
@@ -414,7 +421,12 @@ def _errors(a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> tuple[torc
     """(finite, A - truth, B - truth, truth), each zero where A, B or the truth is not finite."""
     finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(truth)
     zero = torch.zeros((), dtype=a.dtype)
-    return finite, torch.where(finite, a - truth, zero), torch.where(finite, b - truth, zero), torch.where(finite, truth, zero)
+    return (
+        finite,
+        torch.where(finite, a - truth, zero),
+        torch.where(finite, b - truth, zero),
+        torch.where(finite, truth, zero),
+    )
 
 
 def _row_sums(finite: torch.Tensor, ref_err: torch.Tensor, err: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -445,8 +457,16 @@ def position_blocks(positions: list[int] | None, n_rows: int) -> list[tuple[int,
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def accumulate(name: str, read_a: Reader, read_b: Reader, read_truth: Reader | None, shape: tuple[int, ...], *,
-               rows: list[int] | None = None, start: int = 0) -> NameStats:
+def accumulate(
+    name: str,
+    read_a: Reader,
+    read_b: Reader,
+    read_truth: Reader | None,
+    shape: tuple[int, ...],
+    *,
+    rows: list[int] | None = None,
+    start: int = 0,
+) -> NameStats:
     """Stream one name: chunks of rows of A, B and the truth (the oracle, or A itself), judged part only."""
     positions = name_positions(name, shape, rows, start)
     n_rows = shape[0] if shape else 1
@@ -493,7 +513,9 @@ def _reader(tensor: torch.Tensor) -> Reader:
 # ---- the verdict on one name --------------------------------------------------------------------------------------------
 
 
-def _oracle_allowance(own: Floor, group: Floor, dtype: str, pooled_with: bool, samples: int | None = None) -> tuple[float, float]:
+def _oracle_allowance(
+    own: Floor, group: Floor, dtype: str, pooled_with: bool, samples: int | None = None
+) -> tuple[float, float]:
     """(largest ||B - oracle|| allowed, floor per element) under the oracle rule, `own` pooled with `group`; `samples`:
     how many independent errors the name's values carry, when fewer than its rounded values (`independent_samples`)."""
     floor = effective_floor(own, group)
@@ -513,8 +535,15 @@ def independent_samples(name: str, positions: list[int] | None) -> int | None:
     return sum(p + 1 for p in positions)
 
 
-def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None = None, rtol: float | None = None,
-          atol: float | None = None) -> NameResult:
+def judge(
+    stats: NameStats,
+    *,
+    dtype_a: str,
+    dtype_b: str,
+    group: Floor | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> NameResult:
     """The verdict on one streamed name: against the oracle (its floor pooled with `group`) or A's fixed bound; then
     every block of positions alike. Passes when the whole name and each block do."""
     name = stats.name
@@ -531,7 +560,9 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
         name_floor = dataclasses.replace(own, error_rms=per_element)
 
         def allowance(s: Sums, lo: int, hi: int) -> float:
-            return _oracle_allowance(s.floor(), name_floor, dtype, True, independent_samples(name, stats.positions[lo:hi]))[0]
+            return _oracle_allowance(
+                s.floor(), name_floor, dtype, True, independent_samples(name, stats.positions[lo:hi])
+            )[0]
     else:
         allowed = _direct_bound(whole.truth2, whole.n, dtype, rtol, atol) * norm
 
@@ -551,14 +582,27 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
             block_ratio = ratio_of(math.sqrt(s.err2), limit)
             if block_ratio > 1 and first_failing is None:
                 first_failing = _first_row_over(stats, lo, hi, limit / math.sqrt(max(s.n, 1)))
-            blocks.append({"positions": [stats.positions[lo], stats.positions[hi - 1]], "rel_l2": s.relative(s.err2),
-                           "floor": s.relative(s.ref_err2) if stats.has_oracle else None, "ratio": block_ratio})  # fmt: skip
+            blocks.append(
+                {
+                    "positions": [stats.positions[lo], stats.positions[hi - 1]],
+                    "rel_l2": s.relative(s.err2),
+                    "floor": s.relative(s.ref_err2) if stats.has_oracle else None,
+                    "ratio": block_ratio,
+                }
+            )
         ratio = max([ratio] + [blk["ratio"] for blk in blocks])
         passed = passed and all(blk["ratio"] <= 1 for blk in blocks)
     nonfinite = None
     if stats.n_bad:
-        sides = ("on both sides" if stats.bad_sides_equal else "in A only" if not stats.bad_b else
-                 "in B only" if not stats.bad_a else "on one side or both")  # fmt: skip
+        sides = (
+            "on both sides"
+            if stats.bad_sides_equal
+            else "in A only"
+            if not stats.bad_b
+            else "in B only"
+            if not stats.bad_a
+            else "on one side or both"
+        )
         nonfinite = f"{stats.n_bad} of {math.prod(stats.shape)} values non-finite {sides} ({stats.first_bad})"
         passed, ratio = False, math.inf
     worst = None
@@ -567,19 +611,38 @@ def judge(stats: NameStats, *, dtype_a: str, dtype_b: str, group: Floor | None =
     if not passed and first_failing is None:
         first_failing = worst
     layer, head, _ = canon.parse(name)
-    cos = 1.0 if (stats.b2 == 0 or whole.truth2 == 0) and stats.b2 == whole.truth2 else (
-        0.0 if stats.b2 == 0 or whole.truth2 == 0 else stats.bt / math.sqrt(stats.b2 * whole.truth2))  # fmt: skip
+    cos = (
+        1.0
+        if (stats.b2 == 0 or whole.truth2 == 0) and stats.b2 == whole.truth2
+        else (0.0 if stats.b2 == 0 or whole.truth2 == 0 else stats.bt / math.sqrt(stats.b2 * whole.truth2))
+    )
     max_relative = stats.max_rel if stats.truth_nonzero else (0.0 if stats.b_equals_truth else math.inf)
     logits = None
     if stats.logits is not None and nonfinite is None:
         logits = _logits_summary(*stats.logits, *stats.next_tokens)
     return NameResult(
-        name=name, passed=passed, max_abs=stats.max_abs, max_rel=max_relative, rel_l2=whole.relative(whole.err2),
-        cosine=cos, ratio=ratio, bound=bound, against="oracle" if stats.has_oracle else "A", floor=floor,
-        floor_ratio=ratio * FLOOR_FACTOR if stats.has_oracle else None, dtype_a=dtype_a, dtype_b=dtype_b, layer=layer,
-        head=head, worst_position=worst, nonfinite=nonfinite, logits=logits, pooled_floor=effective,
-        first_failing_position=first_failing if not passed else None, blocks=blocks,
-    )  # fmt: skip
+        name=name,
+        passed=passed,
+        max_abs=stats.max_abs,
+        max_rel=max_relative,
+        rel_l2=whole.relative(whole.err2),
+        cosine=cos,
+        ratio=ratio,
+        bound=bound,
+        against="oracle" if stats.has_oracle else "A",
+        floor=floor,
+        floor_ratio=ratio * FLOOR_FACTOR if stats.has_oracle else None,
+        dtype_a=dtype_a,
+        dtype_b=dtype_b,
+        layer=layer,
+        head=head,
+        worst_position=worst,
+        nonfinite=nonfinite,
+        logits=logits,
+        pooled_floor=effective,
+        first_failing_position=first_failing if not passed else None,
+        blocks=blocks,
+    )
 
 
 def _first_row_over(stats: NameStats, lo: int, hi: int, per_element: float) -> int:
@@ -591,18 +654,35 @@ def _first_row_over(stats: NameStats, lo: int, hi: int, per_element: float) -> i
     return stats.positions[lo + int(over.nonzero()[0])] if bool(over.any()) else stats.positions[lo]
 
 
-def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, oracle: torch.Tensor | None = None,
-                    dtype_a: str = "float32", dtype_b: str = "float32", rtol: float | None = None,
-                    atol: float | None = None, group: Floor | None = None, rows: list[int] | None = None,
-                    start: int = 0) -> NameResult:
+def compare_tensors(
+    name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    oracle: torch.Tensor | None = None,
+    dtype_a: str = "float32",
+    dtype_b: str = "float32",
+    rtol: float | None = None,
+    atol: float | None = None,
+    group: Floor | None = None,
+    rows: list[int] | None = None,
+    start: int = 0,
+) -> NameResult:
     """One name in memory: B against the oracle (when given, with A's floor, pooled with `group`'s) or against A.
 
     `group`: the pooled floor of the name's group (its layer's heads for a per-head name); by default the name alone.
     `rows`: the positions of the stored rows, when the traces keep sampled rows of a long prompt's [T, T] tensor;
     `start`: the position of the first row (a generation step's).
     """
-    stats = accumulate(name, _reader(a), _reader(b), _reader(oracle) if oracle is not None else None, tuple(a.shape),
-                       rows=rows, start=start)  # fmt: skip
+    stats = accumulate(
+        name,
+        _reader(a),
+        _reader(b),
+        _reader(oracle) if oracle is not None else None,
+        tuple(a.shape),
+        rows=rows,
+        start=start,
+    )
     return judge(stats, dtype_a=dtype_a, dtype_b=dtype_b, group=group, rtol=rtol, atol=atol)
 
 
@@ -617,14 +697,20 @@ def _check_comparable(a: Trace, b: Trace, common: list[str]) -> None:
     if "tokens" in a and "tokens" in b and a.tokens != b.tokens:
         ta, tb = a.tokens, b.tokens
         at = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
-        raise HarnessError(f"traces ran different tokens: {a.path} has {len(ta)}, {b.path} has {len(tb)}, first difference at position {at}")
+        raise HarnessError(
+            f"traces ran different tokens: {a.path} has {len(ta)}, {b.path} has {len(tb)}, first difference at position {at}"
+        )
     if not common:
         raise HarnessError(f"nothing to compare: {a.path} and {b.path} have no tensor names in common besides 'tokens'")
     for name in common:
         if a.shape(name) != b.shape(name):
-            raise HarnessError(f"{name!r} has shape {list(a.shape(name))} in {a.path} and {list(b.shape(name))} in {b.path}")
+            raise HarnessError(
+                f"{name!r} has shape {list(a.shape(name))} in {a.path} and {list(b.shape(name))} in {b.path}"
+            )
         if a.rows(name) != b.rows(name):
-            raise HarnessError(f"{name!r}: {a.path} and {b.path} keep different rows of it (traces of other harness versions?)")
+            raise HarnessError(
+                f"{name!r}: {a.path} and {b.path} keep different rows of it (traces of other harness versions?)"
+            )
 
 
 def _dtype_of(trace: Trace, run_dtype: object, name: str) -> str:
@@ -688,8 +774,14 @@ def group_floors(ref: Trace, stats: dict[str, NameStats]) -> dict[str, Floor]:
         if part not in ("probs", "output") or scores not in own or ORACLE_PREFIX + probs not in ref:
             continue
         keys = ref.shape(probs)[-1]
-        values = next((n for n in (_heads_sibling(name, "v"), _heads_sibling(name, "cache_v"))
-                       if n in own and ref.shape(n)[0] == keys), None)  # fmt: skip
+        values = next(
+            (
+                n
+                for n in (_heads_sibling(name, "v"), _heads_sibling(name, "cache_v"))
+                if n in own and ref.shape(n)[0] == keys
+            ),
+            None,
+        )
         if values is None:
             continue
         floor_s = effective_floor(own[scores], pools[_group_of(scores)])
@@ -700,12 +792,16 @@ def group_floors(ref: Trace, stats: dict[str, NameStats]) -> dict[str, Floor]:
     return out
 
 
-def _streamed_propagation(part: str, ref: Trace, probs_name: str, v: torch.Tensor, floor_s: float, floor_v: float) -> float:
+def _streamed_propagation(
+    part: str, ref: Trace, probs_name: str, v: torch.Tensor, floor_s: float, floor_v: float
+) -> float:
     n_rows, n_keys = ref.shape(probs_name)
     step = max(1, CHUNK_ELEMENTS // max(1, n_keys))
     total, count = 0.0, 0
     for r0 in range(0, n_rows, step):
-        s, c = _propagation_sums(part, ref.read_rows(probs_name, r0, min(n_rows, r0 + step)).double(), v, floor_s, floor_v)
+        s, c = _propagation_sums(
+            part, ref.read_rows(probs_name, r0, min(n_rows, r0 + step)).double(), v, floor_s, floor_v
+        )
         total, count = total + s, count + c
     return math.sqrt(total / count) if count else 0.0
 
@@ -747,8 +843,14 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol: float | None = None,
-                   atol: float | None = None, token_text: Callable[[int], str] | None = None) -> Comparison:
+def compare_traces(
+    path_a: str | os.PathLike,
+    path_b: str | os.PathLike,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    token_text: Callable[[int], str] | None = None,
+) -> Comparison:
     """Compare every name present in both traces; A is the reference side.
 
     Calibrated against A's oracle when it has one (B's, when only B has one: then B is the reference side and the
@@ -763,20 +865,38 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol
         has_oracle = any(n.startswith(ORACLE_PREFIX) for n in ref.extra_names)
         da, db = a.attrs.get("dtype"), b.attrs.get("dtype")
         if not (use_oracle and has_oracle) and da and db and da != db:
-            raise HarnessError(f"traces ran in different dtypes ({a.path}: {da}, {b.path}: {db}); without a float64 oracle "
-                               f"there is no common bound: compare runs of one dtype, or a reference trace with its oracle")  # fmt: skip
+            raise HarnessError(
+                f"traces ran in different dtypes ({a.path}: {da}, {b.path}: {db}); without a float64 oracle "
+                f"there is no common bound: compare runs of one dtype, or a reference trace with its oracle"
+            )
         oracles = set(ref.extra_names) if use_oracle else set()
         starts = _step_starts(ref, common)
         stats = {}
         read = lambda trace, n: lambda r0, r1: trace.read_rows(n, r0, r1)  # noqa: E731
         for name in common:
             truth = ORACLE_PREFIX + name if ORACLE_PREFIX + name in oracles else None
-            stats[name] = accumulate(name, read(ref, name), read(impl, name), read(ref, truth) if truth else None,
-                                     ref.shape(name), rows=ref.rows(name), start=starts.get(canon.split_step(name)[0], 0))  # fmt: skip
+            stats[name] = accumulate(
+                name,
+                read(ref, name),
+                read(impl, name),
+                read(ref, truth) if truth else None,
+                ref.shape(name),
+                rows=ref.rows(name),
+                start=starts.get(canon.split_step(name)[0], 0),
+            )
         groups = group_floors(ref, stats) if use_oracle else {}
         run_ref, run_impl = ref.attrs.get("dtype"), impl.attrs.get("dtype")
-        results = [judge(stats[name], dtype_a=_dtype_of(ref, run_ref, name), dtype_b=_dtype_of(impl, run_impl, name),
-                         group=groups.get(name), rtol=rtol, atol=atol) for name in common]  # fmt: skip
+        results = [
+            judge(
+                stats[name],
+                dtype_a=_dtype_of(ref, run_ref, name),
+                dtype_b=_dtype_of(impl, run_impl, name),
+                group=groups.get(name),
+                rtol=rtol,
+                atol=atol,
+            )
+            for name in common
+        ]
         tokens = a.tokens if "tokens" in a else (b.tokens if "tokens" in b else None)
         if tokens is None and isinstance(a.attrs.get("tokens"), list):
             tokens = [int(t) for t in a.attrs["tokens"]]
@@ -794,11 +914,21 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, *, rtol
     nonfinite = [r for r in results if r.nonfinite]
     path_ref, path_impl = (path_b, path_a) if swapped else (path_a, path_b)
     return Comparison(
-        path_a=str(path_ref), path_b=str(path_impl), passed=not failed, first_divergence=failed[0].name if failed else None,
-        first_nonfinite=nonfinite[0].name if nonfinite else None, results=results, only_in_a=only_ref,
-        only_in_b=only_impl, mode="mixed" if len(against) > 1 else ("oracle" if against == {"oracle"} else "direct"),
-        tokens=tokens, token_texts=token_texts, attrs_a=attrs_ref, attrs_b=attrs_impl, swapped=swapped,
-    )  # fmt: skip
+        path_a=str(path_ref),
+        path_b=str(path_impl),
+        passed=not failed,
+        first_divergence=failed[0].name if failed else None,
+        first_nonfinite=nonfinite[0].name if nonfinite else None,
+        results=results,
+        only_in_a=only_ref,
+        only_in_b=only_impl,
+        mode="mixed" if len(against) > 1 else ("oracle" if against == {"oracle"} else "direct"),
+        tokens=tokens,
+        token_texts=token_texts,
+        attrs_a=attrs_ref,
+        attrs_b=attrs_impl,
+        swapped=swapped,
+    )
 
 
 def tokenizer_for(attrs: dict[str, Any]) -> Callable[[int], str] | None:

@@ -10,9 +10,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import HarnessError
+
+if TYPE_CHECKING:
+    import torch
 
 # Meta's llama-models hard-codes these for `use_scaled_rope` (Llama 3.1 and 3.2).
 META_ROPE_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -56,7 +59,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise HarnessError(f"config: head_dim ({self.head_dim}) must be even for RoPE")
         if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise HarnessError(f"config: norm_eps ({self.norm_eps}) and rope_theta ({self.rope_theta}) must be positive")
+            raise HarnessError(
+                f"config: norm_eps ({self.norm_eps}) and rope_theta ({self.rope_theta}) must be positive"
+            )
 
     @property
     def n_rep(self) -> int:
@@ -207,7 +212,7 @@ def config_from_hf_json(path: Path) -> ModelConfig:
     )
 
 
-def rope_frequencies(config: ModelConfig) -> "torch.Tensor":
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     """Per-pair rotation frequencies [head_dim // 2] in float32, with 3.1 scaling applied when configured.
 
     The notebook: `1.0 / (rope_theta ** (torch.tensor(range(64)) / 64))`, generalised to head_dim. float32 as the
@@ -225,7 +230,9 @@ def rope_frequencies(config: ModelConfig) -> "torch.Tensor":
     high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / freqs  # [half]
     scaled = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
     mixed = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, mixed, scaled)

@@ -97,14 +97,25 @@ def write_hf_tokenizer(tokenizer_model: Path, out: Path) -> None:
         enc = load_tokenizer(tokenizer_model)
         tokenizer_model = out / ".tokenizer.model"
         write_tokenizer_model(enc._mergeable_ranks, tokenizer_model)
-    tokenizer = TikTokenConverter(vocab_file=str(tokenizer_model), pattern=PAT_STR, extra_special_tokens=SPECIAL_TOKENS).converted()
+    tokenizer = TikTokenConverter(
+        vocab_file=str(tokenizer_model), pattern=PAT_STR, extra_special_tokens=SPECIAL_TOKENS
+    ).converted()
     bos_id = tokenizer.token_to_id(BOS)
-    tokenizer.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
-    ])  # fmt: skip
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token="<|end_of_text|>",
-                                   model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=True)  # fmt: skip
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token="<|end_of_text|>",
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=True,
+    )
     fast.save_pretrained(out)
     (out / "original").mkdir(exist_ok=True)
     shutil.copyfile(tokenizer_model, out / "original" / "tokenizer.model")
@@ -120,9 +131,17 @@ def meta_params(config: ModelConfig, source: Path) -> dict:
     multiple_of, multiplier = config.multiple_of, config.ffn_dim_multiplier
     if multiple_of is None:
         multiple_of, multiplier = _find_ffn_params(config.dim, config.ffn_dim, source)
-    params = dict(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
-                  vocab_size=config.vocab_size, multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                  norm_eps=config.norm_eps, rope_theta=config.rope_theta)  # fmt: skip
+    params = dict(
+        dim=config.dim,
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_kv_heads,
+        vocab_size=config.vocab_size,
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=multiplier,
+        norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+    )
     if multiplier is None:
         del params["ffn_dim_multiplier"]
     if s := config.rope_scaling:
@@ -141,13 +160,16 @@ def _find_ffn_params(dim: int, ffn_dim: int, source: Path) -> tuple[int, float |
     for multiple_of in (2**k for k in range(12, -1, -1)):
         if ffn_dim % multiple_of:
             continue
-        candidates = [None] + [round(ffn_dim / base + step / 10**digits, digits)
-                               for digits in range(1, 5) for step in (0, -1, 1)]  # fmt: skip
+        candidates = [None] + [
+            round(ffn_dim / base + step / 10**digits, digits) for digits in range(1, 5) for step in (0, -1, 1)
+        ]
         for multiplier in candidates:
             if ffn_dim_from_meta(dim, multiple_of, multiplier) == ffn_dim:
                 return multiple_of, multiplier
-    raise HarnessError(f"{source}: intermediate_size {ffn_dim} cannot be written as Meta's multiple_of and "
-                       f"ffn_dim_multiplier (of at most 4 decimals) for hidden_size {dim}")  # fmt: skip
+    raise HarnessError(
+        f"{source}: intermediate_size {ffn_dim} cannot be written as Meta's multiple_of and "
+        f"ffn_dim_multiplier (of at most 4 decimals) for hidden_size {dim}"
+    )
 
 
 def _original_ffn_params(ckpt: Checkpoint) -> ModelConfig:

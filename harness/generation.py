@@ -59,7 +59,9 @@ def in_step(step: int) -> Iterator[None]:
         _tracing._active = inner
 
 
-def trace_generation(run: Run, impl: Implementation, out: str | Path, *, reference: Trace | None = None) -> torch.Tensor:
+def trace_generation(
+    run: Run, impl: Implementation, out: str | Path, *, reference: Trace | None = None
+) -> torch.Tensor:
     """Trace `run.generate` decode steps after the prefill into `out`; returns the logits of every position [P + N, V].
 
     Decode step s feeds token s - 1 of `reference`'s generated ones (teacher forcing), or, without a reference, the
@@ -72,7 +74,9 @@ def trace_generation(run: Run, impl: Implementation, out: str | Path, *, referen
     if reference is not None:
         fed = reference.tokens[n_prompt:]
         if reference.tokens[:n_prompt] != run.tokens or len(fed) != run.generate:
-            raise HarnessError(f"{reference.path}: its tokens are not this run's prompt plus {run.generate} decoded ones")
+            raise HarnessError(
+                f"{reference.path}: its tokens are not this run's prompt plus {run.generate} decoded ones"
+            )
 
     def check_shape(name: str, shape: tuple[int, ...]) -> str | None:
         want = expected_shape(run, name)
@@ -93,8 +97,10 @@ def trace_generation(run: Run, impl: Implementation, out: str | Path, *, referen
                 if not recorded(canon.step_name(step, "logits")):
                     record("logits", logits)
             if step == 0 and record_calls() == calls + 1:
-                raise HarnessError(f"{impl.name}: recorded nothing: call harness.record(NAME, tensor) at the canonical "
-                                   f"names (README: Canonical names), or map them in an Adapter")  # fmt: skip
+                raise HarnessError(
+                    f"{impl.name}: recorded nothing: call harness.record(NAME, tensor) at the canonical "
+                    f"names (README: Canonical names), or map them in an Adapter"
+                )
             all_logits.append(logits.detach().float().cpu())
             generated.append(int(logits[-1].float().argmax()))
             if step < run.generate:
@@ -104,20 +110,27 @@ def trace_generation(run: Run, impl: Implementation, out: str | Path, *, referen
     return torch.cat(all_logits)  # [P + N, V]
 
 
-def _call_step(impl: Implementation, forward, run: Run, tokens: torch.Tensor, start_pos: int, cache: dict,
-               step: int) -> torch.Tensor:
+def _call_step(
+    impl: Implementation, forward, run: Run, tokens: torch.Tensor, start_pos: int, cache: dict, step: int
+) -> torch.Tensor:
     try:
-        logits = forward(run.checkpoint, tokens, dtype=run.torch_dtype, device=run.device, start_pos=start_pos, cache=cache)
+        logits = forward(
+            run.checkpoint, tokens, dtype=run.torch_dtype, device=run.device, start_pos=start_pos, cache=cache
+        )
     except (HarnessError, KeyboardInterrupt):
         raise
     except Exception as e:
-        raise HarnessError(f"{impl.name} raised {type(e).__name__} at step {step} (start_pos {start_pos}): {e} "
-                           f"(rerun with --debug for the traceback)") from e  # fmt: skip
+        raise HarnessError(
+            f"{impl.name} raised {type(e).__name__} at step {step} (start_pos {start_pos}): {e} "
+            f"(rerun with --debug for the traceback)"
+        ) from e
     want = (len(tokens), run.checkpoint.config.vocab_size)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
         got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise HarnessError(f"{impl.name}: step {step} returned logits {got}, expected a tensor of shape {list(want)} "
-                           f"([T, vocab], T = the step's new tokens)")  # fmt: skip
+        raise HarnessError(
+            f"{impl.name}: step {step} returned logits {got}, expected a tensor of shape {list(want)} "
+            f"([T, vocab], T = the step's new tokens)"
+        )
     return logits
 
 
@@ -145,7 +158,9 @@ def _no_cache_slice(nocache: Trace, base: str, start_pos: int, n_tokens: int) ->
     return base, (value[:, :K] if head is not None and part in ("scores", "probs") else value)
 
 
-def cache_vs_no_cache(run: Run, steps_path: str | Path, nocache_path: str | Path, reference_path: str | Path | None = None) -> list:
+def cache_vs_no_cache(
+    run: Run, steps_path: str | Path, nocache_path: str | Path, reference_path: str | Path | None = None
+) -> list:
     """Each step's names against the same implementation's no-cache forward over the prompt and the decoded tokens.
 
     The no-cache forward, cut into the steps' rows, is written as a reference-side trace and judged by compare itself:
@@ -170,8 +185,10 @@ def cache_vs_no_cache(run: Run, steps_path: str | Path, nocache_path: str | Path
                             continue
                         source, expected = found
                         if tuple(steps.shape(name)) != tuple(expected.shape):
-                            raise HarnessError(f"{name!r} has shape {list(steps.shape(name))}, the no-cache forward's "
-                                               f"{source!r} rows {list(expected.shape)}")  # fmt: skip
+                            raise HarnessError(
+                                f"{name!r} has shape {list(steps.shape(name))}, the no-cache forward's "
+                                f"{source!r} rows {list(expected.shape)}"
+                            )
                         record(name, expected)
                         if reference is not None and ORACLE_PREFIX + name in reference:
                             record(ORACLE_PREFIX + name, reference[ORACLE_PREFIX + name])
@@ -188,9 +205,16 @@ def step_summary(results: list, n_steps: int) -> list[dict[str, Any]]:
         mine = [r for r in results if canon.split_step(r.name)[0] == step]
         failed = [r for r in mine if not r.passed]
         worst = max(mine, key=lambda r: r.ratio, default=None)
-        summary.append({"step": step, "names": len(mine), "passed": len(mine) - len(failed),
-                        "first_divergence": failed[0].name if failed else None,
-                        "worst": worst.name if worst else None, "worst_ratio": worst.ratio if worst else None})  # fmt: skip
+        summary.append(
+            {
+                "step": step,
+                "names": len(mine),
+                "passed": len(mine) - len(failed),
+                "first_divergence": failed[0].name if failed else None,
+                "worst": worst.name if worst else None,
+                "worst_ratio": worst.ratio if worst else None,
+            }
+        )
     return summary
 
 
@@ -209,6 +233,8 @@ def unexplained_disagreements(reference_path: str | Path, impl_path: str | Path)
             err = float((ref[name][-1].double() - oracle).abs().max() + (impl[name][-1].double() - oracle).abs().max())
             gap = float(oracle[a] - oracle[b]).__abs__()
             if gap > err:
-                out.append(f"step {step}: reference {a}, implementation {b}; the oracle puts them {gap:.3g} apart, "
-                           f"more than the logits' errors ({err:.3g})")
+                out.append(
+                    f"step {step}: reference {a}, implementation {b}; the oracle puts them {gap:.3g} apart, "
+                    f"more than the logits' errors ({err:.3g})"
+                )
     return out

@@ -98,7 +98,9 @@ def tiny_dir(root: Path, variant: str, seed: int) -> Path:
 def trace_entry(entry: Entry, prompt: str, out: Path, tiny_root: Path) -> Path:
     from .runner import trace_scratch
 
-    trace_scratch(open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed)), out, prompt=prompt, dtype=entry.dtype)
+    trace_scratch(
+        open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed)), out, prompt=prompt, dtype=entry.dtype
+    )
     return out
 
 
@@ -111,24 +113,34 @@ def update(golden_dir: Path = GOLDEN_DIR) -> list[Path]:
         for entry in entries:
             path = trace_entry(entry, prompt, Path(tmp) / entry.file, Path(tmp) / "tiny")
             ckpt = open_checkpoint(tiny_dir(Path(tmp) / "tiny", entry.variant, entry.seed))
-            files[entry.file] = dict(sha256=sha256(path), variant=entry.variant, seed=entry.seed, dtype=entry.dtype,
-                                     checkpoint=ckpt.fingerprint(),
-                                     checkpoint_sha256=sha256(ckpt.path / "consolidated.00.pth"))  # fmt: skip
+            files[entry.file] = dict(
+                sha256=sha256(path),
+                variant=entry.variant,
+                seed=entry.seed,
+                dtype=entry.dtype,
+                checkpoint=ckpt.fingerprint(),
+                checkpoint_sha256=sha256(ckpt.path / "consolidated.00.pth"),
+            )
         for entry in entries:
             with atomic_path(golden_dir / entry.file) as target:
                 shutil.copyfile(Path(tmp) / entry.file, target)
     manifest = dict(
-        format_version=FORMAT_VERSION, produced_by="python -m harness golden --update",
+        format_version=FORMAT_VERSION,
+        produced_by="python -m harness golden --update",
         updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=f"{platform.machine()} {platform.processor()}".strip(), library_versions=library_versions(),
-        prompt=prompt, files=files,
-    )  # fmt: skip
+        machine=f"{platform.machine()} {platform.processor()}".strip(),
+        library_versions=library_versions(),
+        prompt=prompt,
+        files=files,
+    )
     with atomic_path(golden_dir / "manifest.json") as target:
         target.write_text(json.dumps(manifest, indent=1) + "\n")
     return [golden_dir / e.file for e in entries]
 
 
-def check_entry(entry: Entry, work_dir: Path, golden_dir: Path = GOLDEN_DIR, *, tiny_root: Path | None = None) -> Comparison:
+def check_entry(
+    entry: Entry, work_dir: Path, golden_dir: Path = GOLDEN_DIR, *, tiny_root: Path | None = None
+) -> Comparison:
     """Today's scratch trace of `entry` against its golden trace, under the tight golden bound."""
     golden_dir = Path(golden_dir)
     manifest = read_manifest(golden_dir)
@@ -138,13 +150,19 @@ def check_entry(entry: Entry, work_dir: Path, golden_dir: Path = GOLDEN_DIR, *, 
     if recorded is None or not golden.exists():
         raise HarnessError(f"{golden}: missing from golden/; run `python -m harness golden --update`")
     if sha256(golden) != recorded["sha256"]:
-        raise HarnessError(f"{golden}: sha256 differs from manifest.json (changed outside `python -m harness golden --update`)")
+        raise HarnessError(
+            f"{golden}: sha256 differs from manifest.json (changed outside `python -m harness golden --update`)"
+        )
     if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise HarnessError(f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, this harness reads {READABLE_VERSIONS}; run `python -m harness golden --update`")
+        raise HarnessError(
+            f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, this harness reads {READABLE_VERSIONS}; run `python -m harness golden --update`"
+        )
     tiny_root = Path(tiny_root or work_dir / "tiny")
     ckpt = open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed))
     if ckpt.fingerprint() != recorded["checkpoint"]:
-        raise HarnessError(f"{golden}: the tiny {entry.variant} checkpoint generator changed (fingerprint differs); run `python -m harness golden --update` if intended")
+        raise HarnessError(
+            f"{golden}: the tiny {entry.variant} checkpoint generator changed (fingerprint differs); run `python -m harness golden --update` if intended"
+        )
     today = Path(work_dir) / entry.file
     if not today.exists():
         trace_entry(entry, prompt, today, tiny_root)

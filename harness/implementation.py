@@ -43,14 +43,22 @@ def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progres
         from . import scratch
 
         forward = functools.partial(scratch.forward, vectorized=vectorized, progress=progress)
-        return Implementation("scratch", forward, {"attention": "all heads at once" if vectorized else "one head at a time"})
+        return Implementation(
+            "scratch", forward, {"attention": "all heads at once" if vectorized else "one head at a time"}
+        )
     if name == "reference":
         from . import reference
 
         forward = functools.partial(reference.forward, oracle=oracle)
-        return Implementation("reference", forward, {"oracle": "float64 (layer by layer)" if oracle else "none"},
-                              functools.partial(reference.decode, oracle=oracle))
-    raise HarnessError(f"unknown implementation {name!r}; choose scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
+        return Implementation(
+            "reference",
+            forward,
+            {"oracle": "float64 (layer by layer)" if oracle else "none"},
+            functools.partial(reference.decode, oracle=oracle),
+        )
+    raise HarnessError(
+        f"unknown implementation {name!r}; choose scratch, reference, MODULE:ATTR or path/to/file.py:ATTR"
+    )
 
 
 def resolve(spec: str | Forward | Implementation, **options: Any) -> Implementation:
@@ -78,8 +86,10 @@ def resolve(spec: str | Forward | Implementation, **options: Any) -> Implementat
 def check_signature(spec: str, forward: Any) -> None:
     """`forward(checkpoint, tokens, *, dtype, device)` must be a valid call."""
     if not callable(forward):
-        raise HarnessError(f"--impl {spec}: {type(forward).__name__} object is not callable; expected "
-                           f"forward(checkpoint, tokens, *, dtype, device) or a harness.adapter.Adapter")  # fmt: skip
+        raise HarnessError(
+            f"--impl {spec}: {type(forward).__name__} object is not callable; expected "
+            f"forward(checkpoint, tokens, *, dtype, device) or a harness.adapter.Adapter"
+        )
     try:
         signature = inspect.signature(forward)
     except (TypeError, ValueError):
@@ -87,8 +97,9 @@ def check_signature(spec: str, forward: Any) -> None:
     try:
         signature.bind(None, None, dtype=None, device=None)
     except TypeError as e:
-        raise HarnessError(f"--impl {spec}: signature {signature} does not accept "
-                           f"forward(checkpoint, tokens, *, dtype, device) ({e})") from None  # fmt: skip
+        raise HarnessError(
+            f"--impl {spec}: signature {signature} does not accept forward(checkpoint, tokens, *, dtype, device) ({e})"
+        ) from None
 
 
 def decoder(impl: Implementation) -> Forward:
@@ -100,8 +111,10 @@ def decoder(impl: Implementation) -> Forward:
     forward = impl.forward
     if isinstance(forward, Adapter):
         if forward.run_step is None:
-            raise HarnessError(f"--impl {impl.name}: --generate needs the Adapter's run_step(module, tokens, start_pos, "
-                               f"cache), which calls the module on one step with its own KV cache (README: Generation)")  # fmt: skip
+            raise HarnessError(
+                f"--impl {impl.name}: --generate needs the Adapter's run_step(module, tokens, start_pos, "
+                f"cache), which calls the module on one step with its own KV cache (README: Generation)"
+            )
         return forward.decode
     try:
         signature = inspect.signature(forward)
@@ -110,8 +123,10 @@ def decoder(impl: Implementation) -> Forward:
     try:
         signature.bind(None, None, dtype=None, device=None, start_pos=0, cache={})
     except TypeError:
-        raise HarnessError(f"--impl {impl.name}: --generate needs forward(checkpoint, tokens, *, dtype, device, start_pos, "
-                           f"cache) (README: Generation); its signature is {signature}") from None  # fmt: skip
+        raise HarnessError(
+            f"--impl {impl.name}: --generate needs forward(checkpoint, tokens, *, dtype, device, start_pos, "
+            f"cache) (README: Generation); its signature is {signature}"
+        ) from None
     return forward
 
 
@@ -120,7 +135,9 @@ def _import(spec: str, module_name: str):
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
-            raise HarnessError(f"--impl {spec}: no module named {module_name!r} (installed, or on PYTHONPATH?)") from None
+            raise HarnessError(
+                f"--impl {spec}: no module named {module_name!r} (installed, or on PYTHONPATH?)"
+            ) from None
         raise HarnessError(f"--impl {spec}: importing {module_name} failed: {type(e).__name__}: {e}") from e
     except Exception as e:
         raise HarnessError(f"--impl {spec}: importing {module_name} failed: {type(e).__name__}: {e}") from e

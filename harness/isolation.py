@@ -27,8 +27,9 @@ def layer_input(layer: int, x: torch.Tensor) -> torch.Tensor:
         return x
     reference = _source(layer)
     if reference.numel() != x.numel():
-        raise HarnessError(f"isolated mode: layer {layer}'s input has shape {list(x.shape)}, the reference's "
-                           f"{list(reference.shape)}")  # fmt: skip
+        raise HarnessError(
+            f"isolated mode: layer {layer}'s input has shape {list(x.shape)}, the reference's {list(reference.shape)}"
+        )
     _used.add(layer)
     return reference.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
@@ -43,14 +44,16 @@ def isolated(source: ReferenceInput, n_layers: int, implementation: str) -> Iter
         yield
         missing = sorted(set(range(n_layers + 1)) - _used)
         if missing:
-            raise HarnessError(f"{implementation}: isolated mode, but harness.layer_input was never called for layer(s) "
-                               f"{_ranges(missing, n_layers)}: pass each layer's input through "
-                               f"`x = harness.layer_input(layer, x)` (and `harness.layer_input({n_layers}, x)` before the final norm)")  # fmt: skip
+            raise HarnessError(
+                f"{implementation}: isolated mode, but harness.layer_input was never called for layer(s) "
+                f"{_ranges(missing, n_layers)}: pass each layer's input through "
+                f"`x = harness.layer_input(layer, x)` (and `harness.layer_input({n_layers}, x)` before the final norm)"
+            )
     finally:
         _source = None
         _used.clear()
 
 
 def _ranges(layers: list[int], n_layers: int) -> str:
-    shown = ", ".join("final norm" if l == n_layers else str(l) for l in layers[:8])
+    shown = ", ".join("final norm" if layer == n_layers else str(layer) for layer in layers[:8])
     return shown + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")

@@ -103,7 +103,7 @@ def _names(n_layers: int, n_heads: int, cache: bool) -> Iterator[str]:
         for part in LAYER_NAMES:
             if part == "heads":
                 for head in range(n_heads):
-                    for hpart in (_HEAD_ORDER if cache else HEAD_NAMES):
+                    for hpart in _HEAD_ORDER if cache else HEAD_NAMES:
                         yield head_name(layer, head, hpart)
             else:
                 yield layer_name(layer, part)

@@ -19,14 +19,23 @@ from pathlib import Path
 import pytest
 
 OPTIONS = {  # option: (environment variable, help)
-    "checkpoint": ("LLAMA3_CHECKPOINT", "Meta or Hugging Face Llama-3 checkpoint directory (default: the bundled tiny ones)"),
+    "checkpoint": (
+        "LLAMA3_CHECKPOINT",
+        "Meta or Hugging Face Llama-3 checkpoint directory (default: the bundled tiny ones)",
+    ),
     "impl": ("LLAMA3_IMPL", "implementation to verify: scratch (default), MODULE:ATTR or path/to/file.py:ATTR"),
-    "dtype": ("LLAMA3_DTYPE", "working dtype(s), comma-separated (default: float32,bfloat16 on tiny; bfloat16 with a checkpoint)"),
+    "dtype": (
+        "LLAMA3_DTYPE",
+        "working dtype(s), comma-separated (default: float32,bfloat16 on tiny; bfloat16 with a checkpoint)",
+    ),
     "prompt": ("LLAMA3_PROMPT", "prompt after <|begin_of_text|> (default: the notebook's)"),
     "prompt_file": ("LLAMA3_PROMPT_FILE", "the prompt is this UTF-8 file's text, as it is (long prompts)"),
     "isolated": ("LLAMA3_ISOLATED", "feed each layer of the implementation the reference's input to it"),
     "trace_dir": ("LLAMA3_TRACE_DIR", "keep traces, comparison.json and report.html here for `compare` and plots"),
-    "generate": ("LLAMA3_GENERATE", "N: a prefill and N decode steps with a KV cache, tests per step (step3-layer1-head2-scores)"),
+    "generate": (
+        "LLAMA3_GENERATE",
+        "N: a prefill and N decode steps with a KV cache, tests per step (step3-layer1-head2-scores)",
+    ),
 }
 SUITE = Path(__file__).with_name("suite.py")
 
@@ -34,7 +43,9 @@ SUITE = Path(__file__).with_name("suite.py")
 def _in_this_checkout() -> bool:
     """pytest run inside the harness's own source checkout: there the short spellings (--checkpoint ...) work too."""
     root = Path(__file__).resolve().parent.parent
-    return (root / "tests").is_dir() and (root / "pyproject.toml").is_file() and Path.cwd().resolve().is_relative_to(root)
+    return (
+        (root / "tests").is_dir() and (root / "pyproject.toml").is_file() and Path.cwd().resolve().is_relative_to(root)
+    )
 
 
 def pytest_addoption(parser):
@@ -45,7 +56,9 @@ def pytest_addoption(parser):
         flag = name.replace("_", "-")
         flags = [f"--llama3-{flag}"] + ([f"--{flag}"] if short else [])
         if name == "isolated":
-            group.addoption(*flags, dest=f"llama3_{name}", action="store_true", default=None, help=f"{help_text} (env {env}=1)")
+            group.addoption(
+                *flags, dest=f"llama3_{name}", action="store_true", default=None, help=f"{help_text} (env {env}=1)"
+            )
         else:
             group.addoption(*flags, dest=f"llama3_{name}", default=None, help=f"{help_text} (env {env})")
 
@@ -70,8 +83,13 @@ def pytest_load_initial_conftests(early_config, parser, args):
         return
     from _pytest.config.findpaths import determine_setup
 
-    kwargs = dict(inifile=None, override_ini=ns.override_ini, args=ns.file_or_dir, rootdir_cmd_arg=None,
-                  invocation_dir=early_config.invocation_params.dir)  # fmt: skip
+    kwargs = dict(
+        inifile=None,
+        override_ini=ns.override_ini,
+        args=ns.file_or_dir,
+        rootdir_cmd_arg=None,
+        invocation_dir=early_config.invocation_params.dir,
+    )
     accepted = inspect.signature(determine_setup).parameters
     rootpath, inipath, inicfg, *_ = determine_setup(**{k: v for k, v in kwargs.items() if k in accepted})
     if rootpath == early_config.rootpath and inipath == early_config.inipath:
@@ -126,8 +144,19 @@ def suite_cases(config) -> list[Case]:
         return [Case(d, d, c.n_layers, c.n_heads, checkpoint=checkpoint, impl=impl, generate=generate) for d in dtypes]
     from harness.tiny import VARIANTS
 
-    return [Case(f"tiny{v}-{d}", d, VARIANTS[v]["n_layers"], VARIANTS[v]["n_heads"], tiny=(v, 0), impl=impl, generate=generate)
-            for v in VARIANTS for d in dtypes]  # fmt: skip
+    return [
+        Case(
+            f"tiny{v}-{d}",
+            d,
+            VARIANTS[v]["n_layers"],
+            VARIANTS[v]["n_heads"],
+            tiny=(v, 0),
+            impl=impl,
+            generate=generate,
+        )
+        for v in VARIANTS
+        for d in dtypes
+    ]
 
 
 def suite_prompt(config) -> str:
@@ -135,7 +164,11 @@ def suite_prompt(config) -> str:
 
     if option(config, "prompt") is not None and option(config, "prompt_file") is not None:
         raise pytest.UsageError("--llama3-prompt and --llama3-prompt-file are exclusive: give one")
-    return read_prompt_file(option(config, "prompt_file")) if option(config, "prompt_file") else option(config, "prompt") or DEFAULT_PROMPT
+    return (
+        read_prompt_file(option(config, "prompt_file"))
+        if option(config, "prompt_file")
+        else option(config, "prompt") or DEFAULT_PROMPT
+    )
 
 
 def _generate(value) -> int:
@@ -177,8 +210,10 @@ def pytest_configure(config):
 def pytest_report_header(config):
     cases = getattr(config, "_llama3_cases", [])
     impl = cases[0].impl if cases else "scratch"
-    return [f"llama3 harness: {impl} against Hugging Face, {len(cases)} case(s): "
-            + ", ".join(f"{c.id} ({c.n_layers} layers x {c.n_heads} heads)" for c in cases)]  # fmt: skip
+    return [
+        f"llama3 harness: {impl} against Hugging Face, {len(cases)} case(s): "
+        + ", ".join(f"{c.id} ({c.n_layers} layers x {c.n_heads} heads)" for c in cases)
+    ]
 
 
 def _prefix(cases: list[Case], case: Case) -> str:
@@ -199,16 +234,28 @@ def pytest_generate_tests(metafunc):
 
     cases = metafunc.config._llama3_cases
     if "head_case" in metafunc.fixturenames:
+
         def head_parts(step):  # a generation step's heads also hold the cache they attend over
             return HEAD_NAMES if step is None else HEAD_NAMES[:5] + CACHE_NAMES + HEAD_NAMES[5:]
 
-        params = [(c, layer, head, part, step) for c in cases for step in _steps(c) for layer in range(c.n_layers)
-                  for head in range(c.n_heads) for part in head_parts(step)]  # fmt: skip
-        ids = [f"{_prefix(cases, c)}{_step_id(step)}layer{layer}-head{head}-{part}" for c, layer, head, part, step in params]
+        params = [
+            (c, layer, head, part, step)
+            for c in cases
+            for step in _steps(c)
+            for layer in range(c.n_layers)
+            for head in range(c.n_heads)
+            for part in head_parts(step)
+        ]
+        ids = [
+            f"{_prefix(cases, c)}{_step_id(step)}layer{layer}-head{head}-{part}"
+            for c, layer, head, part, step in params
+        ]
         metafunc.parametrize("head_case", params, ids=ids)
     if "layer_case" in metafunc.fixturenames:
         parts = [p for p in LAYER_NAMES if p != "heads"]
-        params = [(c, layer, part, step) for c in cases for step in _steps(c) for layer in range(c.n_layers) for part in parts]
+        params = [
+            (c, layer, part, step) for c in cases for step in _steps(c) for layer in range(c.n_layers) for part in parts
+        ]
         ids = [f"{_prefix(cases, c)}{_step_id(step)}layer{layer}-{part}" for c, layer, part, step in params]
         metafunc.parametrize("layer_case", params, ids=ids)
     if "case" in metafunc.fixturenames:
@@ -277,13 +324,27 @@ def verified(request, shared_dir):
                 from harness.verify import verify
 
                 checkpoint = case.checkpoint or tiny_dir(shared_dir / "tiny", *case.tiny)
-                result = verify(checkpoint, out=out, dtype=case.dtype, prompt=suite_prompt(config),
-                                isolated=bool(option(config, "isolated")), impl=case.impl, generate=case.generate)  # fmt: skip
-                summary = dict(session=session, impl=case.impl, trace=str(result.trace_path),
-                               reference_token=result.reference_token, impl_token=result.implementation_token,
-                               reference_text=result.reference_text, impl_text=result.implementation_text,
-                               checkpoint=str(checkpoint), reference_generated=result.reference_generated,
-                               impl_generated=result.implementation_generated)  # fmt: skip
+                result = verify(
+                    checkpoint,
+                    out=out,
+                    dtype=case.dtype,
+                    prompt=suite_prompt(config),
+                    isolated=bool(option(config, "isolated")),
+                    impl=case.impl,
+                    generate=case.generate,
+                )
+                summary = dict(
+                    session=session,
+                    impl=case.impl,
+                    trace=str(result.trace_path),
+                    reference_token=result.reference_token,
+                    impl_token=result.implementation_token,
+                    reference_text=result.reference_text,
+                    impl_text=result.implementation_text,
+                    checkpoint=str(checkpoint),
+                    reference_generated=result.reference_generated,
+                    impl_generated=result.implementation_generated,
+                )
                 with atomic_path(summary_path) as tmp:
                     tmp.write_text(json.dumps(summary))
         comparison = json.loads((out / "comparison.json").read_text())

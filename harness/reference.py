@@ -37,7 +37,9 @@ ORACLE_PREFIX = "_oracle."
 ORACLE_BLOCK_ELEMENTS = 1 << 25
 
 
-def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: list[int] | None = None) -> torch.Tensor | Rows:
+def attention_scores(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, rows: list[int] | None = None
+) -> torch.Tensor | Rows:
     """q_rotated @ k_rotated.T * scaling, before the mask, as eager attention computes them: a tap point.
 
     query [1, H, T, hd], key [1, KV, K, hd] (before repeat_kv), in HF's half-split q/k order -> [1, H, T, K]; with `rows`,
@@ -67,7 +69,9 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
         scores = torch.matmul(query[:, :, start:stop], keys) * scaling  # [1, H, B, K]
         probs = torch.softmax(scores + attention_mask[:, :, start:stop], dim=-1)  # [1, H, B, K]
         outputs.append(torch.matmul(probs, values))  # [1, H, B, hd]
-        kept.append(probs if rows is None else probs[:, :, [r - start for r in rows if start <= r < stop]])  # [1, H, b, K]
+        kept.append(
+            probs if rows is None else probs[:, :, [r - start for r in rows if start <= r < stop]]
+        )  # [1, H, b, K]
     output = torch.cat(outputs, dim=2)  # [1, H, T, hd]
     probs = torch.cat(kept, dim=2)  # [1, H, T or R, K]
     return output.transpose(1, 2).contiguous(), probs if rows is None else Rows(probs, rows, n_tokens)  # [1, T, H, hd]
@@ -86,17 +90,30 @@ def hf_config(config: ModelConfig) -> LlamaConfig:
     """The transformers LlamaConfig of a harness config (Meta's FFN width, llama3 rope scaling, tied embeddings)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if s := config.rope_scaling:
-        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position_embeddings}  # fmt: skip
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": config.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
     return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim, rms_norm_eps=config.norm_eps, max_position_embeddings=config.max_seq_len,
-        rope_parameters=rope, tie_word_embeddings=config.tie_word_embeddings,
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.norm_eps,
+        max_position_embeddings=config.max_seq_len,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_word_embeddings,
         # Llama-3's 256 special tokens close the vocabulary: <|begin_of_text|> is the first, <|end_of_text|> the next
         bos_token_id=config.vocab_size - 256 if config.vocab_size > 256 else None,
         eos_token_id=config.vocab_size - 255 if config.vocab_size > 256 else None,
-    )  # fmt: skip
+    )
 
 
 def hf_tensor(ckpt: Checkpoint, meta_name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -111,7 +128,9 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu") -> Ll
     """The reference model. From an HF directory as users load it; from a Meta one, built on the meta device and
     assigned the loaded tensors (no random init, no copy but the permuted q/k and any dtype conversion)."""
     if ckpt.format == "hf":
-        model = LlamaForCausalLM.from_pretrained(ckpt.path, dtype=dtype, attn_implementation=ATTENTION, local_files_only=True)
+        model = LlamaForCausalLM.from_pretrained(
+            ckpt.path, dtype=dtype, attn_implementation=ATTENTION, local_files_only=True
+        )
         return model.to(device).eval()
     cfg = hf_config(ckpt.config)
     cfg._attn_implementation = ATTENTION
@@ -131,18 +150,28 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu") -> Ll
 
 # Where Meta's modules sit in transformers' LlamaForCausalLM (see print(model)); q/k rows in half-split order.
 HF_PATHS = {
-    "tok_embeddings": "model.embed_tokens", "layers": "model.layers.{layer}", "attention_norm": "input_layernorm",
-    "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm", "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj",
+    "tok_embeddings": "model.embed_tokens",
+    "layers": "model.layers.{layer}",
+    "attention_norm": "input_layernorm",
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "w1": "mlp.gate_proj",
+    "w3": "mlp.up_proj",
+    "w2": "mlp.down_proj",
     "norm": "model.norm",
-}  # fmt: skip
+}
 _HEAD = "layers.{layer}.attention.heads.{head}"
 HF_TAPS = llama_taps(HF_PATHS, half_split=True) | {
     f"{_HEAD}.q_rotated": input_of("harness.reference:attention_scores", drop_batch, interleave_halves, index=0),
-    f"{_HEAD}.k_rotated": input_of("harness.reference:attention_scores", drop_batch, kv_to_query_heads, interleave_halves, index=1),
+    f"{_HEAD}.k_rotated": input_of(
+        "harness.reference:attention_scores", drop_batch, kv_to_query_heads, interleave_halves, index=1
+    ),
     f"{_HEAD}.scores": output_of("harness.reference:attention_scores", drop_batch),
     f"{_HEAD}.probs": output_of("harness.reference:attention", drop_batch, index=1),
-}  # fmt: skip
+}
 
 
 # In a generation step the attention function's key and value are the whole cache (the step's appended): the step's own
@@ -151,9 +180,11 @@ _ROPE = "transformers.models.llama.modeling_llama:apply_rotary_pos_emb"
 HF_CACHE_TAPS = {
     f"{_HEAD}.q_rotated": output_of(_ROPE, drop_batch, interleave_halves, index=0),
     f"{_HEAD}.k_rotated": output_of(_ROPE, drop_batch, kv_to_query_heads, interleave_halves, index=1),
-    f"{_HEAD}.cache_k": input_of("harness.reference:attention_scores", drop_batch, kv_to_query_heads, interleave_halves, index=1),
+    f"{_HEAD}.cache_k": input_of(
+        "harness.reference:attention_scores", drop_batch, kv_to_query_heads, interleave_halves, index=1
+    ),
     f"{_HEAD}.cache_v": input_of("harness.reference:attention", drop_batch, kv_to_query_heads, index=3),
-}  # fmt: skip
+}
 
 
 def _run_hf(model: LlamaForCausalLM, tokens: torch.Tensor):
@@ -168,8 +199,15 @@ def _step_hf(model: LlamaForCausalLM, tokens: torch.Tensor, start_pos: int, cach
     return model(tokens[None], past_key_values=kv, use_cache=True)
 
 
-HUGGING_FACE = Adapter(build=build_model, taps=HF_TAPS, layers=HF_PATHS["layers"], final_norm=HF_PATHS["norm"], run=_run_hf,
-                       run_step=_step_hf, cache_taps=HF_CACHE_TAPS)  # fmt: skip
+HUGGING_FACE = Adapter(
+    build=build_model,
+    taps=HF_TAPS,
+    layers=HF_PATHS["layers"],
+    final_norm=HF_PATHS["norm"],
+    run=_run_hf,
+    run_step=_step_hf,
+    cache_taps=HF_CACHE_TAPS,
+)
 
 
 class _RMSNormFloat64(LlamaRMSNorm):
@@ -185,7 +223,9 @@ def _norm_float64(weight: torch.Tensor, eps: float) -> _RMSNormFloat64:
     return norm
 
 
-def _rotary_float64(cfg: LlamaConfig, n_tokens: int, device: str, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary_float64(
+    cfg: LlamaConfig, n_tokens: int, device: str, start_pos: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's RoPE cos/sin [1, T, hd] from HF's own inv_freq (float32 values, as HF and Meta define the frequencies),
     with angles, cos and sin in float64: LlamaRotaryEmbedding computes them in float32 whatever the model's dtype."""
     rotary = LlamaRotaryEmbedding(config=cfg)
@@ -198,13 +238,23 @@ def _rotary_float64(cfg: LlamaConfig, n_tokens: int, device: str, start_pos: int
 
 def _step_mask(n_tokens: int, start_pos: int, device: torch.device | str) -> torch.Tensor:
     """Eager attention's mask for a generation step: finfo.min where a key lies after the query. [1, 1, T, start_pos + T]"""
-    mask = torch.full((n_tokens, start_pos + n_tokens), torch.finfo(torch.float64).min, dtype=torch.float64, device=device)
+    mask = torch.full(
+        (n_tokens, start_pos + n_tokens), torch.finfo(torch.float64).min, dtype=torch.float64, device=device
+    )
     return torch.triu(mask, diagonal=start_pos + 1)[None, None]
 
 
-def run_oracle(ckpt: Checkpoint, tokens: torch.Tensor, *, prefix: str = ORACLE_PREFIX, device: torch.device | str = "cpu",
-               chunk_rows: int = 16384, start_pos: int = 0, cache: dict | None = None,
-               return_logits: bool = False) -> torch.Tensor | None:
+def run_oracle(
+    ckpt: Checkpoint,
+    tokens: torch.Tensor,
+    *,
+    prefix: str = ORACLE_PREFIX,
+    device: torch.device | str = "cpu",
+    chunk_rows: int = 16384,
+    start_pos: int = 0,
+    cache: dict | None = None,
+    return_logits: bool = False,
+) -> torch.Tensor | None:
     """The reference in float64, one decoder layer resident at a time (HF's own module classes, traced by the same
     adapter), logits in chunks of vocabulary rows: the oracle costs one layer's weights in float64, not the whole
     model's. Where HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in float64.
@@ -221,34 +271,53 @@ def run_oracle(ckpt: Checkpoint, tokens: torch.Tensor, *, prefix: str = ORACLE_P
     cos_sin = _rotary_float64(cfg, len(ids), device, start_pos)
     past = None if cache is None else cache.setdefault("oracle_past_key_values", DynamicCache(config=cfg))
     if past is None:
-        mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+        mask = create_causal_mask(
+            config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids
+        )
     else:
         mask = _step_mask(len(ids), start_pos, device)  # [1, 1, T, K]
     for index in range(config.n_layers):
         with torch.device("meta"):
             layer = LlamaDecoderLayer(cfg, index)
-        sd = {hf_layout.meta_to_hf_name(n).removeprefix(f"model.layers.{index}."): hf_tensor(ckpt, n, f64).to(device)
-              for n in ckpt.names() if n.startswith(f"layers.{index}.")}  # fmt: skip
+        sd = {
+            hf_layout.meta_to_hf_name(n).removeprefix(f"model.layers.{index}."): hf_tensor(ckpt, n, f64).to(device)
+            for n in ckpt.names()
+            if n.startswith(f"layers.{index}.")
+        }
         layer.load_state_dict(sd, assign=True)
         layer.input_layernorm = _norm_float64(layer.input_layernorm.weight, config.norm_eps)
         layer.post_attention_layernorm = _norm_float64(layer.post_attention_layernorm.weight, config.norm_eps)
         with HUGGING_FACE.attached(layer, config, prefix=prefix, layer=index, cache=past is not None):
-            x = _first(layer(x, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids,
-                             past_key_values=past, use_cache=past is not None))  # fmt: skip
+            x = _first(
+                layer(
+                    x,
+                    attention_mask=mask,
+                    position_embeddings=cos_sin,
+                    position_ids=position_ids,
+                    past_key_values=past,
+                    use_cache=past is not None,
+                )
+            )
         del layer, sd
     h = _norm_float64(ckpt.tensor("norm.weight").to(device=device, dtype=f64), config.norm_eps)(x)[0]  # [T, D]
     record(prefix + "norm", h)
     weight = ckpt.tensor("output.weight")  # [V, D], read a chunk of rows at a time
     rows = None if return_logits else kept_rows("logits", (len(ids), weight.shape[0]))  # an 8B's [8192, V] is 8 GiB
     kept = h if rows is None else h[rows]  # [T or R, D]
-    logits = torch.cat([kept @ weight[i : i + chunk_rows].to(device=device, dtype=f64).T
-                        for i in range(0, weight.shape[0], chunk_rows)], dim=-1)  # fmt: skip  [T or R, V]
+    logits = torch.cat(
+        [
+            kept @ weight[i : i + chunk_rows].to(device=device, dtype=f64).T
+            for i in range(0, weight.shape[0], chunk_rows)
+        ],
+        dim=-1,
+    )  # [T or R, V]
     record(prefix + "logits", logits if rows is None else Rows(logits, rows, len(ids)))
     return logits if return_logits else None
 
 
-def forward(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str,
-            oracle: bool = True) -> torch.Tensor:
+def forward(
+    checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str, oracle: bool = True
+) -> torch.Tensor:
     """The reference as an implementation of the harness's contract: logits [T, V], every canonical name recorded;
     with `oracle` also its float64 run under `_oracle.NAME`. A float64 reference is that float64 run itself: HF's
     modules would compute norms, RoPE angles and softmax in float32."""
@@ -260,13 +329,22 @@ def forward(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
     return logits
 
 
-def decode(checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str,
-           start_pos: int, cache: dict, oracle: bool = True) -> torch.Tensor:
+def decode(
+    checkpoint: Checkpoint,
+    tokens: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    start_pos: int,
+    cache: dict,
+    oracle: bool = True,
+) -> torch.Tensor:
     """One generation step of the reference (the decode contract): HF with its DynamicCache; with `oracle` also the
     float64 oracle's step under `_oracle.NAME`, with a float64 cache of its own (re-reading one layer at a time)."""
     if dtype == torch.float64:
-        return run_oracle(checkpoint, tokens, prefix="", device=device, start_pos=start_pos, cache=cache,
-                          return_logits=True)
+        return run_oracle(
+            checkpoint, tokens, prefix="", device=device, start_pos=start_pos, cache=cache, return_logits=True
+        )
     logits = HUGGING_FACE.decode(checkpoint, tokens, dtype=dtype, device=device, start_pos=start_pos, cache=cache)
     if oracle:
         run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device, start_pos=start_pos, cache=cache)

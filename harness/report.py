@@ -54,18 +54,25 @@ def describe_divergence(c: Comparison) -> str:
         at = r.first_failing_position
         token = f" {c.token_texts[at]!r}" if c.token_texts and at < len(c.token_texts) else ""
         block_floor = f", floor {_fmt(worst['floor'])}" if worst["floor"] is not None else ""
-        return (f"first divergence: {r.name}{head}: first failing at position {at}{token}; worst at positions "
-                f"{worst['positions'][0]}-{worst['positions'][1]}, {_fmt(worst['ratio'])}x their bound (rel_l2 "
-                f"{_fmt(worst['rel_l2'])}{block_floor}); over the whole prompt rel_l2 {_fmt(r.rel_l2)}, bound {_fmt(r.bound)}")  # fmt: skip
-    return (f"first divergence: {r.name}{head}: rel_l2 {_fmt(r.rel_l2)} > bound {_fmt(r.bound)} ({_fmt(r.ratio)}x the bound"
-            f"{floor}), cosine {r.cosine:.4f}, worst at {_where(r) or '-'}")  # fmt: skip
+        return (
+            f"first divergence: {r.name}{head}: first failing at position {at}{token}; worst at positions "
+            f"{worst['positions'][0]}-{worst['positions'][1]}, {_fmt(worst['ratio'])}x their bound (rel_l2 "
+            f"{_fmt(worst['rel_l2'])}{block_floor}); over the whole prompt rel_l2 {_fmt(r.rel_l2)}, bound {_fmt(r.bound)}"
+        )
+    return (
+        f"first divergence: {r.name}{head}: rel_l2 {_fmt(r.rel_l2)} > bound {_fmt(r.bound)} ({_fmt(r.ratio)}x the bound"
+        f"{floor}), cosine {r.cosine:.4f}, worst at {_where(r) or '-'}"
+    )
 
 
 def summary_line(c: Comparison) -> str:
     n, bad = len(c.results), len(c.failed)
     worst = max(c.results, key=lambda r: r.ratio)
-    rule = {"oracle": f"calibrated on A's float64 oracle (bound = {FLOOR_FACTOR:g} x pooled floor)", "direct": "fixed bound against A",
-            "mixed": "oracle where A has one, fixed bound elsewhere"}[c.mode]  # fmt: skip
+    rule = {
+        "oracle": f"calibrated on A's float64 oracle (bound = {FLOOR_FACTOR:g} x pooled floor)",
+        "direct": "fixed bound against A",
+        "mixed": "oracle where A has one, fixed bound elsewhere",
+    }[c.mode]
     verdict = "PASS" if c.passed else "FAIL"
     return f"{verdict}: {n - bad}/{n} names within bound, {rule}; largest ratio {_fmt(worst.ratio)} at {worst.name}"
 
@@ -74,18 +81,29 @@ def text_report(c: Comparison, n_worst: int = 10) -> str:
     """The table `compare` prints: the worst names, logits agreement, first divergence, one summary line."""
     lines = [f"A (reference side): {c.path_a}", f"B: {c.path_b}"]
     if c.only_in_a or c.only_in_b:
-        lines.append(f"not compared: {len(c.only_in_a)} names only in A, {len(c.only_in_b)} only in B"
-                     + (f" (e.g. {(c.only_in_a or c.only_in_b)[0]})"))  # fmt: skip
+        lines.append(
+            f"not compared: {len(c.only_in_a)} names only in A, {len(c.only_in_b)} only in B"
+            + (f" (e.g. {(c.only_in_a or c.only_in_b)[0]})")
+        )
     header = f"{'name':<44} {'rel_l2':>9} {'floor':>9} {'bound':>9} {'ratio':>7}  {'cosine':>8}  worst"
-    lines += ["", f"worst {min(n_worst, len(c.results))} names (ratio = rel_l2 / bound, or its worst block's on a long prompt; > 1 fails):", header]
+    lines += [
+        "",
+        f"worst {min(n_worst, len(c.results))} names (ratio = rel_l2 / bound, or its worst block's on a long prompt; > 1 fails):",
+        header,
+    ]
     for r in sorted(c.results, key=lambda r: -r.ratio)[:n_worst]:
         mark = " " if r.passed else "!"
-        lines.append(f"{r.name:<44} {_fmt(r.rel_l2):>9} {_fmt(r.floor):>9} {_fmt(r.bound):>9} {_fmt(r.ratio):>7}{mark} "
-                     f"{r.cosine:>8.5f}  {_where(r)}")  # fmt: skip
+        lines.append(
+            f"{r.name:<44} {_fmt(r.rel_l2):>9} {_fmt(r.floor):>9} {_fmt(r.bound):>9} {_fmt(r.ratio):>7}{mark} "
+            f"{r.cosine:>8.5f}  {_where(r)}"
+        )
     if (logits := c.result("logits")) is not None and logits.logits:
         m = logits.logits
-        lines += ["", f"logits: top-1 agreement {m['top1_rate']:.0%} ({sum(m['top1'])}/{len(m['top1'])} positions), "
-                      f"top-5 overlap {m['top5_rate']:.0%}, KL(A||B) mean {m['kl_mean']:.3g} max {m['kl_max']:.3g}"]  # fmt: skip
+        lines += [
+            "",
+            f"logits: top-1 agreement {m['top1_rate']:.0%} ({sum(m['top1'])}/{len(m['top1'])} positions), "
+            f"top-5 overlap {m['top5_rate']:.0%}, KL(A||B) mean {m['kl_mean']:.3g} max {m['kl_max']:.3g}",
+        ]
     lines += ["", describe_divergence(c), summary_line(c)]
     return "\n".join(lines)
 
@@ -102,7 +120,9 @@ def _pyplot():
     return plt
 
 
-def _finish_error_plot(fig, ax, c: Comparison, path: Path, *, xlabel: str, title: str, ylabel: str | None = None) -> None:
+def _finish_error_plot(
+    fig, ax, c: Comparison, path: Path, *, xlabel: str, title: str, ylabel: str | None = None
+) -> None:
     """A log-scale error plot's labels, legend and grid; saved and closed."""
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -137,8 +157,9 @@ def plot_head_heatmaps(c: Comparison, path: Path) -> bool:
     plt = _pyplot()
     cols = min(4, len(parts))
     rows = math.ceil(len(parts) / cols)
-    fig, axs = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, (0.3 * n_layers + 2.0) * rows), squeeze=False,
-                            layout="constrained")
+    fig, axs = plt.subplots(
+        rows, cols, figsize=(3.2 * cols + 1, (0.3 * n_layers + 2.0) * rows), squeeze=False, layout="constrained"
+    )
     image = None
     for ax, part in zip(axs.flat, parts):
         grid = np.full((n_layers, n_heads), np.nan)
@@ -147,14 +168,18 @@ def plot_head_heatmaps(c: Comparison, path: Path) -> bool:
                 v = heat_value(r)
                 grid[r.layer, r.head] = min(max(v, vmin), vmax) if not math.isnan(v) else vmax
                 if not r.passed:
-                    ax.text(r.head, r.layer, "x", ha="center", va="center", color="white", fontsize=9, fontweight="bold")
-        image = ax.imshow(grid, cmap="viridis", norm=LogNorm(vmin=vmin, vmax=vmax), aspect="auto", interpolation="nearest")
+                    ax.text(
+                        r.head, r.layer, "x", ha="center", va="center", color="white", fontsize=9, fontweight="bold"
+                    )
+        image = ax.imshow(
+            grid, cmap="viridis", norm=LogNorm(vmin=vmin, vmax=vmax), aspect="auto", interpolation="nearest"
+        )
         ax.set_title(part, fontsize=10)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
-    for ax in list(axs.flat)[len(parts):]:
+    for ax in list(axs.flat)[len(parts) :]:
         ax.axis("off")
     bar = fig.colorbar(image, ax=axs, shrink=0.8)
     bar.set_label(f"{_measure(c)} (fails above {threshold:g}; x = failed)")
@@ -189,8 +214,14 @@ def plot_depth(c: Comparison, path: Path) -> bool:
     for x, r in points:
         if not r.passed:
             ax.axvline(x, color="red", alpha=0.15)
-    _finish_error_plot(fig, ax, c, path, xlabel="depth (layer + 0.5: attention_residual, layer + 1: output)",
-                       title="residual stream error across depth")
+    _finish_error_plot(
+        fig,
+        ax,
+        c,
+        path,
+        xlabel="depth (layer + 0.5: attention_residual, layer + 1: output)",
+        title="residual stream error across depth",
+    )
     return True
 
 
@@ -222,8 +253,15 @@ def plot_positions(c: Comparison, path: Path) -> bool:
         if r.first_failing_position is not None:
             ax.axvline(r.first_failing_position, color=f"C{i % 10}", alpha=0.3)
     ax.axhline(1.0, color="red", linestyle=":", label="bound (fails above)")
-    _finish_error_plot(fig, ax, c, path, xlabel="position in the prompt (middle of each block)",
-                       title="error along the prompt: each block of positions' ratio to its bound", ylabel="ratio")
+    _finish_error_plot(
+        fig,
+        ax,
+        c,
+        path,
+        xlabel="position in the prompt (middle of each block)",
+        title="error along the prompt: each block of positions' ratio to its bound",
+        ylabel="ratio",
+    )
     return True
 
 
@@ -258,9 +296,11 @@ def plot_attention(c: Comparison, path: Path, layer: int, head: int) -> bool:
     fig, axs = plt.subplots(1, 3, figsize=(18, 6.2))
     diff = pb - pa
     lim = float(abs(diff).max()) or 1.0
-    for ax, data, title, kw in ((axs[0], pa, "A (reference)", dict(cmap="viridis", vmin=0, vmax=1)),
-                                (axs[1], pb, "B", dict(cmap="viridis", vmin=0, vmax=1)),
-                                (axs[2], diff, "B - A", dict(cmap="RdBu_r", vmin=-lim, vmax=lim))):  # fmt: skip
+    for ax, data, title, kw in (
+        (axs[0], pa, "A (reference)", dict(cmap="viridis", vmin=0, vmax=1)),
+        (axs[1], pb, "B", dict(cmap="viridis", vmin=0, vmax=1)),
+        (axs[2], diff, "B - A", dict(cmap="RdBu_r", vmin=-lim, vmax=lim)),
+    ):
         im = ax.imshow(data, aspect="auto" if rows is not None else "equal", interpolation="nearest", **kw)
         ax.set_title(f"{title}: layer {layer} head {head} probs", fontsize=10)
         for set_ticks, names, rotation in ((ax.set_xticks, keys, 90), (ax.set_yticks, queries, 0)):
@@ -296,18 +336,29 @@ def plot_steps(c: Comparison, path: Path) -> bool:
             if not r.passed:
                 ax.plot([x], [max(r.rel_l2, tiny)], "x", color="red", markersize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    _finish_error_plot(fig, ax, c, path, xlabel="step (0: prefill of the prompt; s: decode step s, one token)",
-                       title="error across generation steps (dotted: the reference's floor; x: failed)")
+    _finish_error_plot(
+        fig,
+        ax,
+        c,
+        path,
+        xlabel="step (0: prefill of the prompt; s: decode step s, one token)",
+        title="error across generation steps (dotted: the reference's floor; x: failed)",
+    )
     return True
 
 
 def _step_table(steps: list[dict]) -> str:
     fail = ' class="fail"'
-    rows = "".join(f"<tr{'' if s['first_divergence'] is None else fail}><td>{s['step']}</td><td>{s['passed']}/{s['names']}</td>"
-                   f"<td>{html.escape(s['first_divergence'] or '-')}</td><td>{html.escape(s['worst'] or '-')}</td>"
-                   f"<td>{_fmt(s['worst_ratio'])}</td></tr>" for s in steps)  # fmt: skip
-    return ("<h2>Per step</h2><table><tr><th>step</th><th>passed</th><th>first divergence</th><th>worst name</th>"
-            "<th>ratio</th></tr>" + rows + "</table>")
+    rows = "".join(
+        f"<tr{'' if s['first_divergence'] is None else fail}><td>{s['step']}</td><td>{s['passed']}/{s['names']}</td>"
+        f"<td>{html.escape(s['first_divergence'] or '-')}</td><td>{html.escape(s['worst'] or '-')}</td>"
+        f"<td>{_fmt(s['worst_ratio'])}</td></tr>"
+        for s in steps
+    )
+    return (
+        "<h2>Per step</h2><table><tr><th>step</th><th>passed</th><th>first divergence</th><th>worst name</th>"
+        "<th>ratio</th></tr>" + rows + "</table>"
+    )
 
 
 # ---- HTML ---------------------------------------------------------------------------------------------------------------
@@ -315,13 +366,28 @@ def _step_table(steps: list[dict]) -> str:
 
 def _row(r: NameResult) -> str:
     cls = "" if r.passed else ' class="fail"'
-    cells = [r.name, _fmt(r.rel_l2), _fmt(r.floor), _fmt(r.bound), _fmt(r.ratio), f"{r.cosine:.5f}", _fmt(r.max_abs),
-             _where(r), r.nonfinite or ""]  # fmt: skip
+    cells = [
+        r.name,
+        _fmt(r.rel_l2),
+        _fmt(r.floor),
+        _fmt(r.bound),
+        _fmt(r.ratio),
+        f"{r.cosine:.5f}",
+        _fmt(r.max_abs),
+        _where(r),
+        r.nonfinite or "",
+    ]
     return f"<tr{cls}>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>"
 
 
-def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness: verify", notes: list[str] = (),
-                 steps: list[dict] | None = None) -> Path:
+def write_report(
+    c: Comparison,
+    out: str | Path,
+    *,
+    title: str = "llama3 harness: verify",
+    notes: list[str] = (),
+    steps: list[dict] | None = None,
+) -> Path:
     """report.html and its PNGs into the folder `out` (which must exist); returns the HTML's path. `steps`: a
     generation's per-step summaries (harness/generation.py `step_summary`), drawn across steps and tabled."""
     out = Path(out)
@@ -333,17 +399,30 @@ def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness
     if plot_head_heatmaps(c, out / "heads.png"):
         images.append(("heads.png", f"Per-head {_measure(c)}, layer x head, for each per-head name."))
     if plot_depth(c, out / "depth.png"):
-        images.append(("depth.png", "Residual stream error across depth, with the reference's own floor and the bound."))
+        images.append(
+            ("depth.png", "Residual stream error across depth, with the reference's own floor and the bound.")
+        )
     if plot_positions(c, out / "positions.png"):
-        images.append(("positions.png", "Error along the prompt: each block of positions judged against its own floor "
-                                        "(vertical lines: first failing positions)."))
+        images.append(
+            (
+                "positions.png",
+                "Error along the prompt: each block of positions judged against its own floor "
+                "(vertical lines: first failing positions).",
+            )
+        )
     if (lh := divergent_head(c)) is not None and plot_attention(c, out / "attention.png", *lh):
-        what = "first divergent head" if not c.passed and any(r.head is not None for r in c.failed) else "head with the largest probs ratio"
-        images.append(("attention.png", f"Attention probabilities, layer {lh[0]} head {lh[1]} ({what}): A, B and B - A."))
+        what = (
+            "first divergent head"
+            if not c.passed and any(r.head is not None for r in c.failed)
+            else "head with the largest probs ratio"
+        )
+        images.append(
+            ("attention.png", f"Attention probabilities, layer {lh[0]} head {lh[1]} ({what}): A, B and B - A.")
+        )
     table = "\n".join(_row(r) for r in sorted(c.results, key=lambda r: -r.ratio)[:40])
     verdict = "PASS" if c.passed else "FAIL"
     body = [
-        f"<h1>{html.escape(title)}: <span class=\"{verdict.lower()}\">{verdict}</span></h1>",
+        f'<h1>{html.escape(title)}: <span class="{verdict.lower()}">{verdict}</span></h1>',
         f"<p>{html.escape(summary_line(c))}</p>",
         f"<p><b>{html.escape(describe_divergence(c))}</b></p>",
         *(f"<p>{html.escape(n)}</p>" for n in notes),
@@ -354,14 +433,23 @@ def write_report(c: Comparison, out: str | Path, *, title: str = "llama3 harness
     if steps:
         body.append(_step_table(steps))
     for png, caption in images:
-        body.append(f'<figure><img src="{png}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
-    body.append("<h2>Worst names</h2><table><tr><th>name</th><th>rel L2</th><th>floor</th><th>bound</th><th>ratio</th>"
-                "<th>cosine</th><th>max abs</th><th>worst</th><th>non-finite</th></tr>" + table + "</table>")  # fmt: skip
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto} img{max-width:100%} td,th{padding:2px 8px;"
-             "font-size:13px;text-align:right} td:first-child{text-align:left} tr.fail{background:#fdd} .pass{color:green}"
-             " .fail{color:#b00} figure{margin:1.5em 0}")  # fmt: skip
-    page = f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" \
-           + "\n".join(body) + "\n</body></html>\n"  # fmt: skip
+        body.append(
+            f'<figure><img src="{png}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        )
+    body.append(
+        "<h2>Worst names</h2><table><tr><th>name</th><th>rel L2</th><th>floor</th><th>bound</th><th>ratio</th>"
+        "<th>cosine</th><th>max abs</th><th>worst</th><th>non-finite</th></tr>" + table + "</table>"
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto} img{max-width:100%} td,th{padding:2px 8px;"
+        "font-size:13px;text-align:right} td:first-child{text-align:left} tr.fail{background:#fdd} .pass{color:green}"
+        " .fail{color:#b00} figure{margin:1.5em 0}"
+    )
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head><body>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
     path = out / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
@@ -373,10 +461,20 @@ def generation_lines(result) -> list[str]:
     lines = ["", "per step (0: prefill):"]
     for s in result.steps:
         verdict = "ok  " if s["first_divergence"] is None else "FAIL"
-        lines.append(f"  step {s['step']:>3} {verdict} {s['passed']}/{s['names']} names"
-                     + (f", first divergence {s['first_divergence']}" if s["first_divergence"] else f", worst ratio {_fmt(s['worst_ratio'])}"))  # fmt: skip
+        lines.append(
+            f"  step {s['step']:>3} {verdict} {s['passed']}/{s['names']} names"
+            + (
+                f", first divergence {s['first_divergence']}"
+                if s["first_divergence"]
+                else f", worst ratio {_fmt(s['worst_ratio'])}"
+            )
+        )
     bad = [r for r in result.cache_check if not r.passed]
-    lines.append(f"cache against no cache: {len(result.cache_check) - len(bad)}/{len(result.cache_check)} names agree"
-                 + (f"; first disagreement {bad[0].name} (rel_l2 {_fmt(bad[0].rel_l2)} > {_fmt(bad[0].bound)})" if bad else ""))  # fmt: skip
-    return lines + [f"generated (greedy, each side from the same teacher-forced inputs): reference {result.reference_text!r}, "
-                    f"{result.implementation} {result.implementation_text!r}"]
+    lines.append(
+        f"cache against no cache: {len(result.cache_check) - len(bad)}/{len(result.cache_check)} names agree"
+        + (f"; first disagreement {bad[0].name} (rel_l2 {_fmt(bad[0].rel_l2)} > {_fmt(bad[0].bound)})" if bad else "")
+    )
+    return lines + [
+        f"generated (greedy, each side from the same teacher-forced inputs): reference {result.reference_text!r}, "
+        f"{result.implementation} {result.implementation_text!r}"
+    ]

@@ -34,7 +34,9 @@ def check_device(name: str) -> torch.device:
     except RuntimeError:
         raise HarnessError(f"unknown device {name!r}; use e.g. cpu, cuda or cuda:1") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarnessError(f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+        raise HarnessError(
+            f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+        )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise HarnessError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -63,13 +65,20 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
     """`[<|begin_of_text|>] + encode(prompt)`, checked against the checkpoint's vocabulary and context."""
     enc = enc or _tokenizer(ckpt)
     if enc.n_vocab > ckpt.config.vocab_size:
-        raise HarnessError(f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is {ckpt.config.vocab_size}")
+        raise HarnessError(
+            f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is {ckpt.config.vocab_size}"
+        )
     tokens = encode_prompt(enc, prompt)
     if len(tokens) > ckpt.config.max_seq_len:
-        source = ("params.json max_seq_len, or without it 8192, 131072 with Llama 3.1 RoPE scaling" if ckpt.format == "meta"
-                  else "config.json max_position_embeddings, or without it 8192")  # fmt: skip
-        raise HarnessError(f"{ckpt.path}: prompt is {len(tokens)} tokens, longer than the model's context of "
-                           f"{ckpt.config.max_seq_len} ({source}); use a shorter prompt")  # fmt: skip
+        source = (
+            "params.json max_seq_len, or without it 8192, 131072 with Llama 3.1 RoPE scaling"
+            if ckpt.format == "meta"
+            else "config.json max_position_embeddings, or without it 8192"
+        )
+        raise HarnessError(
+            f"{ckpt.path}: prompt is {len(tokens)} tokens, longer than the model's context of "
+            f"{ckpt.config.max_seq_len} ({source}); use a shorter prompt"
+        )
     return tokens
 
 
@@ -104,8 +113,16 @@ class Run:
         return DTYPES[self.dtype]
 
 
-def make_run(checkpoint: Checkpoint | str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
-             device: str = "cpu", names: Sequence[str] | None = None, isolated: bool = False, generate: int = 0) -> Run:
+def make_run(
+    checkpoint: Checkpoint | str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    dtype: str = "float32",
+    device: str = "cpu",
+    names: Sequence[str] | None = None,
+    isolated: bool = False,
+    generate: int = 0,
+) -> Run:
     """Check every input before any work (errors come first) and load the tokenizer once."""
     parse_dtype(dtype)
     check_device(device)
@@ -117,14 +134,24 @@ def make_run(checkpoint: Checkpoint | str | Path, *, prompt: str = DEFAULT_PROMP
     enc = _tokenizer(ckpt)
     tokens = prompt_tokens(ckpt, prompt, enc)
     if len(tokens) + generate > ckpt.config.max_seq_len:
-        raise HarnessError(f"{ckpt.path}: prompt of {len(tokens)} tokens plus --generate {generate} is longer than the "
-                           f"model's context of {ckpt.config.max_seq_len}")  # fmt: skip
+        raise HarnessError(
+            f"{ckpt.path}: prompt of {len(tokens)} tokens plus --generate {generate} is longer than the "
+            f"model's context of {ckpt.config.max_seq_len}"
+        )
     return Run(ckpt, prompt, tokens, dtype, device, tuple(names) if names else None, isolated, _text(enc), generate)
 
 
 def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any]:
-    return dict(implementation=implementation, dtype=run.dtype, device=run.device, prompt=run.prompt,
-                tokens=list(run.tokens), checkpoint=run.checkpoint, isolated=run.isolated, **extra)  # fmt: skip
+    return dict(
+        implementation=implementation,
+        dtype=run.dtype,
+        device=run.device,
+        prompt=run.prompt,
+        tokens=list(run.tokens),
+        checkpoint=run.checkpoint,
+        isolated=run.isolated,
+        **extra,
+    )
 
 
 def step_span(run: Run, step: int) -> tuple[int, int]:
@@ -139,9 +166,17 @@ def expected_shape(run: Run, name: str) -> tuple[int, ...] | None:
     step, _ = canon.split_step(name)
     if step is not None and step > run.generate:
         return None
-    start_pos, n_tokens = step_span(run, step) if step is not None else (0, n_tokens + (run.generate if name == "tokens" else 0))
-    sizes = {"T": n_tokens, "K": start_pos + n_tokens, "dim": c.dim, "vocab": c.vocab_size, "ffn_dim": c.ffn_dim,
-             "head_dim": c.head_dim}  # fmt: skip
+    start_pos, n_tokens = (
+        step_span(run, step) if step is not None else (0, n_tokens + (run.generate if name == "tokens" else 0))
+    )
+    sizes = {
+        "T": n_tokens,
+        "K": start_pos + n_tokens,
+        "dim": c.dim,
+        "vocab": c.vocab_size,
+        "ffn_dim": c.ffn_dim,
+        "head_dim": c.head_dim,
+    }
     layer, head, part = canon.parse(name)
     axes = canon.axes(name)
     if axes is None or (layer is not None and layer >= c.n_layers) or (head is not None and head >= c.n_heads):

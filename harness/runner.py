@@ -65,8 +65,10 @@ def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace |
         with isolation:
             logits = _call(impl, run, tokens)
         if record_calls() == 1:
-            raise HarnessError(f"{impl.name}: recorded nothing: call harness.record(NAME, tensor) at the canonical names "
-                               f"(README: Canonical names), or map them in an Adapter")  # fmt: skip
+            raise HarnessError(
+                f"{impl.name}: recorded nothing: call harness.record(NAME, tensor) at the canonical names "
+                f"(README: Canonical names), or map them in an Adapter"
+            )
         if not recorded("logits"):
             record("logits", logits)
     return logits
@@ -95,16 +97,32 @@ def _reference_input(reference: Trace):
     return layer_input
 
 
-def trace_scratch(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
-                  names: list[str] | None = None, device: str = "cpu", progress: bool = False,
-                  vectorized: bool = False) -> torch.Tensor:
+def trace_scratch(
+    ckpt: Checkpoint,
+    out: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    dtype: str = "float32",
+    names: list[str] | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    vectorized: bool = False,
+) -> torch.Tensor:
     """The from-scratch forward traced into `out`; returns the logits [T, V]."""
     run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
     return trace(run, builtin("scratch", vectorized=vectorized, progress=progress), out)
 
 
-def trace_reference(ckpt: Checkpoint, out: str | Path, *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
-                    names: list[str] | None = None, device: str = "cpu", oracle: bool = True) -> torch.Tensor:
+def trace_reference(
+    ckpt: Checkpoint,
+    out: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    dtype: str = "float32",
+    names: list[str] | None = None,
+    device: str = "cpu",
+    oracle: bool = True,
+) -> torch.Tensor:
     """The Hugging Face reference traced into `out` (with its float64 oracle under `_oracle.`); returns the logits."""
     run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
     return trace(run, builtin("reference", oracle=oracle), out)

@@ -36,8 +36,9 @@ def rope_freqs_cis(config: ModelConfig, n_tokens: int, dtype: torch.dtype, devic
     return torch.polar(torch.ones_like(freqs_for_each_token), freqs_for_each_token).to(device)  # [T, hd/2]
 
 
-def step_freqs_cis(config: ModelConfig, start_pos: int, n_tokens: int, dtype: torch.dtype,
-                   device: torch.device | str) -> torch.Tensor:
+def step_freqs_cis(
+    config: ModelConfig, start_pos: int, n_tokens: int, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     """Meta's `freqs_cis[start_pos : start_pos + T]`: the rotations of this step's positions. [T, hd/2] complex."""
     return rope_freqs_cis(config, start_pos + n_tokens, dtype, device)[start_pos:]  # [T, hd/2]
 
@@ -70,8 +71,9 @@ def step_mask(n_tokens: int, start_pos: int, dtype: torch.dtype, device: torch.d
     return torch.hstack([cached, causal_mask(n_tokens, dtype, device)])  # [T, start_pos + T]
 
 
-def new_keys_values(x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-                    freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def new_keys_values(
+    x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This step's keys (rotated, float32 as the notebook's k_rotated) and values of every KV head, for the cache."""
     T, hd = x_norm.shape[0], config.head_dim
     k = (x_norm @ weights["attention.wk"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)  # [KV, T, hd]
@@ -79,8 +81,9 @@ def new_keys_values(x_norm: torch.Tensor, weights: dict[str, torch.Tensor], conf
     return rotate(k, freqs_cis), v  # [KV, T, hd] float32, [KV, T, hd]
 
 
-def append_to_cache(cache: dict, layer: int, keys: torch.Tensor, values: torch.Tensor,
-                    start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+def append_to_cache(
+    cache: dict, layer: int, keys: torch.Tensor, values: torch.Tensor, start_pos: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Meta's KV cache as plain tensors: `cache["layers.{l}.k"]` holds the rotated keys of positions 0 .. start_pos - 1,
     [KV, start_pos, hd]; the step's T keys (and values) go after them. -> every key and value so far [KV, K, hd]."""
     k_name, v_name = f"layers.{layer}.k", f"layers.{layer}.v"
@@ -99,15 +102,25 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-              freqs_cis: torch.Tensor, mask: torch.Tensor, cache: dict | None = None, start_pos: int = 0) -> torch.Tensor:
+def attention(
+    layer: int,
+    x_norm: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    config: ModelConfig,
+    freqs_cis: torch.Tensor,
+    mask: torch.Tensor,
+    cache: dict | None = None,
+    start_pos: int = 0,
+) -> torch.Tensor:
     """Per-head attention of one layer, as the notebook's loop over heads. [T, D] -> [T, D].
 
     With a `cache` (generation), the step's keys and values are appended to it first, and each head attends over the
     cache: every position so far (K = start_pos + T) instead of the step's own T."""
     hd, dim = config.head_dim, config.dim
     if cache is not None:
-        cache_k, cache_v = append_to_cache(cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos)
+        cache_k, cache_v = append_to_cache(
+            cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos
+        )
     wq = weights["attention.wq"].view(config.n_heads, hd, dim)  # [H, hd, D]
     wk = weights["attention.wk"].view(config.n_kv_heads, hd, dim)  # [KV, hd, D]
     wv = weights["attention.wv"].view(config.n_kv_heads, hd, dim)  # [KV, hd, D]
@@ -119,7 +132,9 @@ def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]
         v = x_norm @ wv[kv].T  # [T, hd]
         q_rotated = rotate(q, freqs_cis)  # [T, hd] float32
         k_rotated = rotate(k, freqs_cis)  # [T, hd] float32
-        keys, values = (k_rotated, v) if cache is None else (cache_k[kv], cache_v[kv])  # [K, hd]: what this head attends
+        keys, values = (
+            (k_rotated, v) if cache is None else (cache_k[kv], cache_v[kv])
+        )  # [K, hd]: what this head attends
         if cache is not None:  # recorded before use: a cache of the wrong length is named here, not in a failing matmul
             record(f"layers.{layer}.attention.heads.{head}.cache_k", keys)
             record(f"layers.{layer}.attention.heads.{head}.cache_v", values)
@@ -127,17 +142,32 @@ def attention(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor]
         probs = softmax(scores + mask).to(x_norm.dtype)  # [T, K]
         output = probs @ values  # [T, hd]
         if is_tracing():  # the names cost more than the no-op record calls: build them only when tracing
-            for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
-                                ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+            for name, value in (
+                ("q", q),
+                ("k", k),
+                ("v", v),
+                ("q_rotated", q_rotated),
+                ("k_rotated", k_rotated),
+                ("scores", scores),
+                ("probs", probs),
+                ("output", output),
+            ):
                 record(f"layers.{layer}.attention.heads.{head}.{name}", value)
         head_outputs.append(output)
     stacked = torch.cat(head_outputs, dim=-1)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
 
 
-def attention_all_heads(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-                        freqs_cis: torch.Tensor, mask: torch.Tensor, cache: dict | None = None,
-                        start_pos: int = 0) -> torch.Tensor:
+def attention_all_heads(
+    layer: int,
+    x_norm: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    config: ModelConfig,
+    freqs_cis: torch.Tensor,
+    mask: torch.Tensor,
+    cache: dict | None = None,
+    start_pos: int = 0,
+) -> torch.Tensor:
     """The same attention with every head at once (batched matmuls, `forward(vectorized=True)`); same names recorded.
 
     Agrees with the per-head loop within float32 rounding (tests/test_scratch.py). [T, D] -> [T, D].
@@ -151,7 +181,9 @@ def attention_all_heads(layer: int, x_norm: torch.Tensor, weights: dict[str, tor
     k_rotated = rotate(k, freqs_cis)  # [H, T, hd] float32
     keys, values = k_rotated, v  # [H, K, hd]
     if cache is not None:  # generation: attend over the cache, this step's keys and values appended
-        cache_k, cache_v = append_to_cache(cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos)
+        cache_k, cache_v = append_to_cache(
+            cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos
+        )
         keys, values = cache_k[kv], cache_v[kv]  # [H, K, hd]
     scores = (q_rotated @ keys.transpose(1, 2)) / score_scale(config)  # [H, T, K] float32
     probs = torch.nn.functional.softmax(scores + mask, dim=-1).to(x_norm.dtype)  # [H, T, K], over keys
@@ -159,8 +191,17 @@ def attention_all_heads(layer: int, x_norm: torch.Tensor, weights: dict[str, tor
     if is_tracing():
         cached = (("cache_k", keys), ("cache_v", values)) if cache is not None else ()
         for head in range(config.n_heads):
-            for name, value in (("q", q), ("k", k), ("v", v), ("q_rotated", q_rotated), ("k_rotated", k_rotated),
-                                *cached, ("scores", scores), ("probs", probs), ("output", output)):  # fmt: skip
+            for name, value in (
+                ("q", q),
+                ("k", k),
+                ("v", v),
+                ("q_rotated", q_rotated),
+                ("k_rotated", k_rotated),
+                *cached,
+                ("scores", scores),
+                ("probs", probs),
+                ("output", output),
+            ):
                 record(f"layers.{layer}.attention.heads.{head}.{name}", value[head])
     stacked = output.transpose(0, 1).reshape(T, -1)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
@@ -179,15 +220,34 @@ def feed_forward(layer: int, x_norm: torch.Tensor, weights: dict[str, torch.Tens
     return output
 
 
-def layer_weights(ckpt: Checkpoint, layer: int, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+def layer_weights(
+    ckpt: Checkpoint, layer: int, dtype: torch.dtype, device: torch.device | str
+) -> dict[str, torch.Tensor]:
     """This layer's tensors, read from the checkpoint now (one layer resident at a time, as the notebook)."""
-    parts = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
-             "feed_forward.w3", "attention_norm", "ffn_norm")  # fmt: skip
+    parts = (
+        "attention.wq",
+        "attention.wk",
+        "attention.wv",
+        "attention.wo",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+        "attention_norm",
+        "ffn_norm",
+    )
     return {p: ckpt.tensor(f"layers.{layer}.{p}.weight").to(device=device, dtype=dtype) for p in parts}
 
 
-def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig,
-                      freqs_cis: torch.Tensor, mask: torch.Tensor, attend=None, **cache) -> torch.Tensor:
+def transformer_layer(
+    layer: int,
+    x: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    config: ModelConfig,
+    freqs_cis: torch.Tensor,
+    mask: torch.Tensor,
+    attend=None,
+    **cache,
+) -> torch.Tensor:
     """One decoder layer (`attend`: `attention`, one head at a time, unless given; `cache`: generation's `cache` and
     `start_pos`, passed on to it). [T, D] -> [T, D]."""
     x_norm = rms_norm(x, weights["attention_norm"], config.norm_eps)  # [T, D]
@@ -203,9 +263,17 @@ def transformer_layer(layer: int, x: torch.Tensor, weights: dict[str, torch.Tens
     return output
 
 
-def forward(checkpoint: Checkpoint, tokens: torch.Tensor | Sequence[int], *, dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", progress: bool = False, vectorized: bool = False, start_pos: int = 0,
-            cache: dict | None = None) -> torch.Tensor:
+def forward(
+    checkpoint: Checkpoint,
+    tokens: torch.Tensor | Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    vectorized: bool = False,
+    start_pos: int = 0,
+    cache: dict | None = None,
+) -> torch.Tensor:
     """Tokens [T] -> logits [T, V], recording every canonical name (the harness records `tokens`).
 
     `vectorized` computes all heads of a layer at once (same names, same values within float32 rounding). Each
@@ -234,8 +302,9 @@ def forward(checkpoint: Checkpoint, tokens: torch.Tensor | Sequence[int], *, dty
     heads = {"attend": attention_all_heads} if vectorized else {}  # one head at a time by default, as the notebook
     for layer in layers:
         x = layer_input(layer, x)  # isolated mode: the reference's input to this layer
-        x = transformer_layer(layer, x, layer_weights(checkpoint, layer, dtype, device), config, freqs_cis, mask,
-                              **heads, **kv_cache)
+        x = transformer_layer(
+            layer, x, layer_weights(checkpoint, layer, dtype, device), config, freqs_cis, mask, **heads, **kv_cache
+        )
     x = layer_input(config.n_layers, x)
     norm = rms_norm(x, checkpoint.tensor("norm.weight").to(device=device, dtype=dtype), config.norm_eps)  # [T, D]
     record("norm", norm)

@@ -31,18 +31,29 @@ def check(verified, case, name: str) -> None:
         where += f" ({r['worst_token']!r})"
     lines = [
         f"{name} diverges in {case.impl} ({case.id}): rel_l2 {_fmt(r['rel_l2'])} vs bound {_fmt(r['bound'])} (ratio {_fmt(r['ratio'])}"
-        + (f", reference's own error {_fmt(r['floor'])}" if r.get("floor") is not None else "") + ")",
+        + (f", reference's own error {_fmt(r['floor'])}" if r.get("floor") is not None else "")
+        + ")",
         f"  max_abs {_fmt(r['max_abs'])}, max_rel {_fmt(r['max_rel'])}, cosine {_fmt(r['cosine'])}; worst at {where}",
     ]
     if r.get("first_failing_position") is not None and r.get("blocks"):
         worst = max(r["blocks"], key=lambda b: b["ratio"])
-        lines.append(f"  along the prompt: first failing at position {r['first_failing_position']}; worst at positions "
-                     f"{worst['positions'][0]}-{worst['positions'][1]}, {_fmt(worst['ratio'])}x their bound")  # fmt: skip
+        lines.append(
+            f"  along the prompt: first failing at position {r['first_failing_position']}; worst at positions "
+            f"{worst['positions'][0]}-{worst['positions'][1]}, {_fmt(worst['ratio'])}x their bound"
+        )
     if r.get("nonfinite"):
         lines.append(f"  non-finite values: {r['nonfinite']}")
-    lines.append(f"  first divergence in the whole trace: {first}"
-                 + (f"; non-finite values first appear at {run.comparison['first_nonfinite']}" if run.comparison.get("first_nonfinite") else ""))  # fmt: skip
-    lines.append(f"  traces and report: {run.out}; rerun: python -m harness compare {run.out / 'reference.h5'} {run.summary['trace']}")
+    lines.append(
+        f"  first divergence in the whole trace: {first}"
+        + (
+            f"; non-finite values first appear at {run.comparison['first_nonfinite']}"
+            if run.comparison.get("first_nonfinite")
+            else ""
+        )
+    )
+    lines.append(
+        f"  traces and report: {run.out}; rerun: python -m harness compare {run.out / 'reference.h5'} {run.summary['trace']}"
+    )
     pytest.fail("\n".join(lines), pytrace=False)
 
 
@@ -107,7 +118,10 @@ def test_next_token(verified, case):
     generation = verified(case).comparison["generation"]
     assert not generation["unexplained_disagreements"], (  # a near tie may go the other way in bfloat16
         f"generated: reference {s['reference_text']!r}, {s['impl']} {s['impl_text']!r}: "
-        + "; ".join(generation["unexplained_disagreements"]))
+        + "; ".join(generation["unexplained_disagreements"])
+    )
     cache = generation["cache_vs_no_cache"]
-    assert cache["passed"], (f"{case.impl} with its KV cache disagrees with its own no-cache forward, first at "
-                             f"{cache['failed'][0]} ({len(cache['failed'])} names)")  # fmt: skip
+    assert cache["passed"], (
+        f"{case.impl} with its KV cache disagrees with its own no-cache forward, first at "
+        f"{cache['failed'][0]} ({len(cache['failed'])} names)"
+    )

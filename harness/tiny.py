@@ -21,14 +21,40 @@ N_MERGES = 256  # 256 byte tokens + 256 merges = 512 BPE ranks; + 256 special to
 
 # params.json of each variant, as Meta writes it (vocab_size filled in from the tokenizer).
 VARIANTS: dict[str, dict] = {
-    "3.0": dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
-                norm_eps=1e-5, rope_theta=500000.0),
-    "3.1": dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
-                norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
+    "3.0": dict(
+        dim=128,
+        n_layers=3,
+        n_heads=8,
+        n_kv_heads=2,
+        multiple_of=32,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+    "3.1": dict(
+        dim=128,
+        n_layers=3,
+        n_heads=8,
+        n_kv_heads=2,
+        multiple_of=32,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        use_scaled_rope=True,
+    ),
     # 3.2: tied embeddings, 3 query heads per KV head (as the 3B)
-    "3.2": dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.5,
-                norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
-}  # fmt: skip
+    "3.2": dict(
+        dim=96,
+        n_layers=3,
+        n_heads=6,
+        n_kv_heads=2,
+        multiple_of=32,
+        ffn_dim_multiplier=1.5,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        use_scaled_rope=True,
+    ),
+}
 TIED = {"3.2"}
 
 # Standard deviation of each weight, times 1/sqrt(fan_in). q and k at 2: scores of std ~4, so attention is peaked
@@ -36,7 +62,17 @@ TIED = {"3.2"}
 # and embeddings at 0.5: every layer's feed-forward and attention move the residual stream as much as the token
 # embedding does. Chosen by tests/test_sensitivity.py: with these, 17 of the 19 catalogued bugs change the next
 # token on every variant (the usual 0.02 scale, and even 1/sqrt(fan_in) everywhere, leave half of them unseen).
-_GAIN = {"tok_embeddings": 0.5, "wq": 2.0, "wk": 2.0, "wv": 1.0, "wo": 1.0, "w1": 1.0, "w3": 1.0, "w2": 2.5, "output": 3.0}
+_GAIN = {
+    "tok_embeddings": 0.5,
+    "wq": 2.0,
+    "wk": 2.0,
+    "wv": 1.0,
+    "wo": 1.0,
+    "w1": 1.0,
+    "w3": 1.0,
+    "w2": 2.5,
+    "output": 3.0,
+}
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -72,11 +108,29 @@ _CHUNK_ELEMENTS = 1 << 20
 SHAPES: dict[str, dict | None] = {
     "tiny": None,  # the --variant's own tiny params
     # Meta-Llama-3-8B's width, heads, KV heads, FFN (14336) and vocabulary, with 2 layers
-    "8b-wide": dict(dim=4096, n_layers=2, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-                    ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
-    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-               ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
-}  # fmt: skip
+    "8b-wide": dict(
+        dim=4096,
+        n_layers=2,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+    "8b": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+}
 
 
 def shape_params(shape: str, variant: str) -> dict | None:

@@ -76,7 +76,9 @@ def read_tokenizer_model(path: Path) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, binascii.Error) as e:  # not `base64 rank`
-            raise HarnessError(f"{path}: not a tiktoken BPE file (each line: base64 token, space, rank); line {number}: {type(e).__name__}") from None
+            raise HarnessError(
+                f"{path}: not a tiktoken BPE file (each line: base64 token, space, rank); line {number}: {type(e).__name__}"
+            ) from None
     return ranks
 
 
@@ -123,7 +125,9 @@ def encode_prompt(enc: tiktoken.Encoding, prompt: str) -> list[int]:
 
 def write_tokenizer_model(ranks: dict[bytes, int], path: str | Path) -> None:
     """Meta's tokenizer.model format: one `base64(token) rank` line per token, in rank order."""
-    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    lines = [
+        f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
     Path(path).write_text("".join(lines))
 
 

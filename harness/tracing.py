@@ -22,7 +22,9 @@ import torch
 from . import names as canon
 from .errors import HarnessError
 
-FORMAT_VERSION = 2  # 2: long [T, T] tensors and logits may keep sampled rows (attribute `rows`); version 1 reads as before
+FORMAT_VERSION = (
+    2  # 2: long [T, T] tensors and logits may keep sampled rows (attribute `rows`); version 1 reads as before
+)
 READABLE_VERSIONS = (1, 2)
 # Names whose first part starts with this are the harness's own extras (e.g. the float64 oracle), not trace names.
 RESERVED_PREFIX = "_"
@@ -56,7 +58,12 @@ def record_calls() -> int:
 def library_versions() -> dict[str, str]:
     import h5py as _h5py
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "h5py": _h5py.__version__, "numpy": np.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "h5py": _h5py.__version__,
+        "numpy": np.__version__,
+    }
     for mod in ("transformers", "tiktoken", "harness"):
         try:
             versions[mod] = __import__(mod).__version__
@@ -165,8 +172,10 @@ def _select_rows(name: str, given: Rows, keep: list[int] | None) -> torch.Tensor
     where = {r: i for i, r in enumerate(have)}
     if missing := [r for r in wanted if r not in where]:
         kept = "every row" if keep is None else f"{len(keep)} sampled rows"
-        raise HarnessError(f"trace: {name!r} recorded as {len(have)} of its {given.n_rows} rows, without row {missing[0]} "
-                           f"({len(missing)} missing); a trace keeps {kept} of it (harness.tracing.kept_rows)")  # fmt: skip
+        raise HarnessError(
+            f"trace: {name!r} recorded as {len(have)} of its {given.n_rows} rows, without row {missing[0]} "
+            f"({len(missing)} missing); a trace keeps {kept} of it (harness.tracing.kept_rows)"
+        )
     return given.values.index_select(-2, torch.tensor([where[r] for r in wanted], device=given.values.device))
 
 
@@ -236,10 +245,16 @@ def _checkpoint_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
         checkpoint = open_checkpoint(checkpoint)
     config = checkpoint.config
-    stamped = dict(checkpoint=checkpoint.fingerprint(), checkpoint_path=str(checkpoint.path),
-                   checkpoint_format=checkpoint.format, config=config.to_dict(), n_layers=config.n_layers,
-                   n_heads=config.n_heads, rope_theta=config.rope_theta,
-                   rope_scaling_factor=config.rope_scaling_factor or 0.0)  # fmt: skip
+    stamped = dict(
+        checkpoint=checkpoint.fingerprint(),
+        checkpoint_path=str(checkpoint.path),
+        checkpoint_format=checkpoint.format,
+        config=config.to_dict(),
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        rope_theta=config.rope_theta,
+        rope_scaling_factor=config.rope_scaling_factor or 0.0,
+    )
     return {**stamped, **{k: v for k, v in metadata.items() if k != "checkpoint"}}
 
 
@@ -267,8 +282,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def tracing(path: str | os.PathLike, *, names: Sequence[str] | None = None, check_shape: ShapeCheck | None = None,
-            **metadata: Any) -> Iterator[None]:
+def tracing(
+    path: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    check_shape: ShapeCheck | None = None,
+    **metadata: Any,
+) -> Iterator[None]:
     """Open a trace: every `record(...)` inside goes to the HDF5 file at `path`.
 
     `names` are glob patterns (e.g. "layers.0.*"); `tokens` is always kept. `metadata` becomes file attributes
@@ -330,7 +350,11 @@ class Trace:
             readable = " and ".join(map(str, READABLE_VERSIONS))
             raise HarnessError(f"{self.path}: trace format version {shown}, this harness reads versions {readable}")
         found: list[str] = []
-        self.file.visititems(lambda p, obj: found.append(obj.attrs.get("name", canon.from_path(p))) if isinstance(obj, h5py.Dataset) else None)
+        self.file.visititems(
+            lambda p, obj: (
+                found.append(obj.attrs.get("name", canon.from_path(p))) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
         self._all = sorted(found, key=_forward_order)
         self.names = [n for n in self._all if not n.startswith(RESERVED_PREFIX)]
 

@@ -63,9 +63,19 @@ def trace_file(impl: str, suffix: str = "") -> str:
     return ("scratch" if impl == "scratch" else "implementation") + suffix + ".h5"
 
 
-def verify(checkpoint: str | Path, *, out: str | Path = "verify-out", dtype: str = "float32", prompt: str = DEFAULT_PROMPT,
-           isolated: bool = False, device: str = "cpu", progress: bool = False, impl: str | Forward = "scratch",
-           vectorized: bool = False, generate: int = 0) -> VerifyResult:
+def verify(
+    checkpoint: str | Path,
+    *,
+    out: str | Path = "verify-out",
+    dtype: str = "float32",
+    prompt: str = DEFAULT_PROMPT,
+    isolated: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+    impl: str | Forward = "scratch",
+    vectorized: bool = False,
+    generate: int = 0,
+) -> VerifyResult:
     """Trace both sides into `out` (reference.h5, and scratch.h5 or implementation.h5), compare, write
     comparison.json and report.html. Every input is checked before any work. With `generate`, also the
     implementation's no-cache forward (scratch-nocache.h5 or implementation-nocache.h5)."""
@@ -104,15 +114,21 @@ def verify(checkpoint: str | Path, *, out: str | Path = "verify-out", dtype: str
     if not generate:
         write_json(comparison, out / "comparison.json")
         ref_token, impl_token = int(ref_logits[-1].float().argmax()), int(impl_logits[-1].float().argmax())
-        notes = [f"implementation {implementation.name}; checkpoint {run.checkpoint.path}, dtype {dtype}, "
-                 f"{'isolated layers' if isolated else 'end to end'}; prompt {prompt!r} ({len(run.tokens)} tokens)",
-                 f"next token: reference {text(ref_token)!r} (id {ref_token}), {implementation.name} {text(impl_token)!r} (id {impl_token})"]  # fmt: skip
+        notes = [
+            f"implementation {implementation.name}; checkpoint {run.checkpoint.path}, dtype {dtype}, "
+            f"{'isolated layers' if isolated else 'end to end'}; prompt {prompt!r} ({len(run.tokens)} tokens)",
+            f"next token: reference {text(ref_token)!r} (id {ref_token}), {implementation.name} {text(impl_token)!r} (id {impl_token})",
+        ]
         write_report(comparison, out, notes=notes)
-        return VerifyResult(comparison, out, implementation.name, impl_path, ref_token, impl_token, text(ref_token), text(impl_token))
+        return VerifyResult(
+            comparison, out, implementation.name, impl_path, ref_token, impl_token, text(ref_token), text(impl_token)
+        )
     return _generation_result(run, implementation.name, comparison, out, impl_path, nocache_path)
 
 
-def _generation_result(run, implementation: str, comparison, out: Path, impl_path: Path, nocache_path: Path) -> VerifyResult:
+def _generation_result(
+    run, implementation: str, comparison, out: Path, impl_path: Path, nocache_path: Path
+) -> VerifyResult:
     """--generate: per-step results, the cache check and each side's generated text into comparison.json and the report."""
     from .generation import cache_vs_no_cache, generated_tokens, step_summary, unexplained_disagreements
 
@@ -125,21 +141,43 @@ def _generation_result(run, implementation: str, comparison, out: Path, impl_pat
     text = run.text
     data = comparison.to_json()
     data["generation"] = {
-        "steps": run.generate, "prompt_tokens": len(run.tokens), "teacher_forced": comparison.tokens,
-        "reference_generated": ref_gen, "implementation_generated": impl_gen,
-        "reference_text": "".join(map(text, ref_gen)), "implementation_text": "".join(map(text, impl_gen)),
+        "steps": run.generate,
+        "prompt_tokens": len(run.tokens),
+        "teacher_forced": comparison.tokens,
+        "reference_generated": ref_gen,
+        "implementation_generated": impl_gen,
+        "reference_text": "".join(map(text, ref_gen)),
+        "implementation_text": "".join(map(text, impl_gen)),
         "unexplained_disagreements": unexplained,
-        "per_step": steps, "cache_vs_no_cache": {"passed": all(r.passed for r in cache_check), "per_step": cache_steps,
-                                                 "failed": [r.name for r in cache_check if not r.passed]},
-    }  # fmt: skip
+        "per_step": steps,
+        "cache_vs_no_cache": {
+            "passed": all(r.passed for r in cache_check),
+            "per_step": cache_steps,
+            "failed": [r.name for r in cache_check if not r.passed],
+        },
+    }
     with atomic_path(out / "comparison.json") as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
     first_cache = next((r.name for r in cache_check if not r.passed), None)
-    notes = [f"implementation {implementation}; checkpoint {run.checkpoint.path}, dtype {run.dtype}; prompt {run.prompt!r} "
-             f"({len(run.tokens)} tokens), prefill + {run.generate} decode steps fed the reference's greedy tokens",
-             f"generated: reference {''.join(map(text, ref_gen))!r}, {implementation} {''.join(map(text, impl_gen))!r}",
-             f"cache against no cache: {'agree' if first_cache is None else 'first disagreement at ' + first_cache}"]  # fmt: skip
+    notes = [
+        f"implementation {implementation}; checkpoint {run.checkpoint.path}, dtype {run.dtype}; prompt {run.prompt!r} "
+        f"({len(run.tokens)} tokens), prefill + {run.generate} decode steps fed the reference's greedy tokens",
+        f"generated: reference {''.join(map(text, ref_gen))!r}, {implementation} {''.join(map(text, impl_gen))!r}",
+        f"cache against no cache: {'agree' if first_cache is None else 'first disagreement at ' + first_cache}",
+    ]
     write_report(comparison, out, notes=notes, steps=steps)
     # reference/implementation token and text: the whole generation (N + 1 greedy tokens), not one next token
-    return VerifyResult(comparison, out, implementation, impl_path, ref_gen[-1], impl_gen[-1], "".join(map(text, ref_gen)),
-                        "".join(map(text, impl_gen)), ref_gen, impl_gen, steps, cache_check)  # fmt: skip
+    return VerifyResult(
+        comparison,
+        out,
+        implementation,
+        impl_path,
+        ref_gen[-1],
+        impl_gen[-1],
+        "".join(map(text, ref_gen)),
+        "".join(map(text, impl_gen)),
+        ref_gen,
+        impl_gen,
+        steps,
+        cache_check,
+    )

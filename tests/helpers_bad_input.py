@@ -95,10 +95,20 @@ def write_hf_checkpoint(meta: Path, dst: Path) -> Path:
         tensors[hf_layout.meta_to_hf_name(name)] = t.contiguous()
     dst.mkdir()
     save_file(tensors, dst / "model.safetensors")
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=c.dim,
-                  num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-                  vocab_size=c.vocab_size, intermediate_size=c.ffn_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                  max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_word_embeddings)  # fmt: skip
+    config = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=c.dim,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        vocab_size=c.vocab_size,
+        intermediate_size=c.ffn_dim,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_seq_len,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copy(meta / "tokenizer.model", dst / "tokenizer.model")
     return dst

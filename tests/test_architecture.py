@@ -32,7 +32,7 @@ def test_harness_has_no_import_cycle():
     def visit(module: str, path: list[str]) -> None:
         if state.get(module) == "done":
             return
-        assert state.get(module) != "open", "import cycle: " + " -> ".join(path[path.index(module):] + [module])
+        assert state.get(module) != "open", "import cycle: " + " -> ".join(path[path.index(module) :] + [module])
         state[module] = "open"
         for dep in sorted(graph[module]):
             visit(dep, path + [module])

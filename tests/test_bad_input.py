@@ -17,11 +17,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-import harness
-from harness.cli import main
-from harness.errors import HarnessError
-from harness.tokenizer import BOS, load_tokenizer
 from helpers_bad_input import (
     REPO,
     copy_checkpoint,
@@ -33,6 +28,11 @@ from helpers_bad_input import (
     write_hf_checkpoint,
     write_shards,
 )
+
+import harness
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.tokenizer import BOS, load_tokenizer
 
 
 @pytest.fixture
@@ -97,8 +97,10 @@ def test_unparsable_config(capsys, tmp_path, ckpt, hf_ckpt, fmt, config_file):
     refused_trace(capsys, tmp_path, folder, f"{folder / config_file}: not valid JSON")
 
 
-@pytest.mark.parametrize("fmt, config_file, key", [("meta", "params.json", "dim"), ("meta", "params.json", "n_layers"),
-                                                   ("hf", "config.json", "num_hidden_layers")])  # fmt: skip
+@pytest.mark.parametrize(
+    "fmt, config_file, key",
+    [("meta", "params.json", "dim"), ("meta", "params.json", "n_layers"), ("hf", "config.json", "num_hidden_layers")],
+)
 def test_config_missing_a_required_key(capsys, tmp_path, ckpt, hf_ckpt, fmt, config_file, key):
     folder = ckpt if fmt == "meta" else hf_ckpt
     edit_json(folder / config_file, drop=(key,))
@@ -131,7 +133,9 @@ def test_config_and_tensor_shapes_disagree(capsys, tmp_path, ckpt, change, tenso
 
 def test_hf_config_and_tensor_shapes_disagree(capsys, tmp_path, hf_ckpt):
     edit_json(hf_ckpt / "config.json", intermediate_size=64)
-    refused_trace(capsys, tmp_path, hf_ckpt, "layers.0.feed_forward.w1.weight has shape [448, 128], config implies [64, 128]")
+    refused_trace(
+        capsys, tmp_path, hf_ckpt, "layers.0.feed_forward.w1.weight has shape [448, 128], config implies [64, 128]"
+    )
 
 
 # -- tensor files ---------------------------------------------------------------------------------------------------
@@ -146,7 +150,9 @@ def test_truncated_meta_shard(capsys, tmp_path, ckpt, keep):
 @pytest.mark.parametrize("keep", [0.5, 0.0001])
 def test_truncated_safetensors(capsys, tmp_path, hf_ckpt, keep):
     truncate(hf_ckpt / "model.safetensors", keep)
-    refused_trace(capsys, tmp_path, hf_ckpt, f"{hf_ckpt / 'model.safetensors'}: cannot read safetensors file (truncated")
+    refused_trace(
+        capsys, tmp_path, hf_ckpt, f"{hf_ckpt / 'model.safetensors'}: cannot read safetensors file (truncated"
+    )
 
 
 def test_hf_checkpoint_written_by_the_helper_is_readable(tiny_checkpoint, hf_ckpt):
@@ -160,7 +166,9 @@ def test_shard_that_is_not_a_dict_of_tensors(capsys, tmp_path, ckpt):
     sd = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
     sd["norm.weight"] = [1.0, 2.0]  # a list where a tensor belongs
     torch.save(sd, ckpt / "consolidated.00.pth")
-    refused_trace(capsys, tmp_path, ckpt, f"{ckpt / 'consolidated.00.pth'}: expected a dict of tensors", "'norm.weight'")
+    refused_trace(
+        capsys, tmp_path, ckpt, f"{ckpt / 'consolidated.00.pth'}: expected a dict of tensors", "'norm.weight'"
+    )
 
 
 def _wq_rows(shard, rows):
@@ -171,20 +179,30 @@ def _wq_rows(shard, rows):
     "spoil, fragments",
     [
         # the second shard's wq has one column too few: the non-split dim disagrees
-        (lambda s: dict(layers__0__attention__wq__weight=s["layers.0.attention.wq.weight"][:, :-1].clone()),
-         ["shards do not fit together", "layers.0.attention.wq.weight has shapes [[64, 128], [64, 127]]"]),
+        (
+            lambda s: dict(layers__0__attention__wq__weight=s["layers.0.attention.wq.weight"][:, :-1].clone()),
+            ["shards do not fit together", "layers.0.attention.wq.weight has shapes [[64, 128], [64, 127]]"],
+        ),
         # a replicated norm with a different shape
-        (lambda s: dict(norm__weight=s["norm.weight"][:-1].clone()),
-         ["shards do not fit together", "norm.weight has shapes [[128], [127]]"]),
+        (
+            lambda s: dict(norm__weight=s["norm.weight"][:-1].clone()),
+            ["shards do not fit together", "norm.weight has shapes [[128], [127]]"],
+        ),
         # a replicated norm with different values: a shard of another checkpoint
-        (lambda s: dict(layers__1__ffn_norm__weight=s["layers.1.ffn_norm.weight"] + 1),
-         ["shards do not fit together", "replicated tensor layers.1.ffn_norm.weight differs"]),
+        (
+            lambda s: dict(layers__1__ffn_norm__weight=s["layers.1.ffn_norm.weight"] + 1),
+            ["shards do not fit together", "replicated tensor layers.1.ffn_norm.weight differs"],
+        ),
         # a tensor missing from the second shard
-        (lambda s: dict(layers__2__feed_forward__w2__weight=None),
-         ["consolidated.01.pth: shards do not fit together: tensor names differ", "layers.2.feed_forward.w2.weight"]),
+        (
+            lambda s: dict(layers__2__feed_forward__w2__weight=None),
+            ["consolidated.01.pth: shards do not fit together: tensor names differ", "layers.2.feed_forward.w2.weight"],
+        ),
         # the halves merge to the wrong size along the split dim
-        (lambda s: dict(layers__0__attention__wq__weight=_wq_rows(s, 32)),
-         ["tensor layers.0.attention.wq.weight has shape [96, 128], config implies [128, 128]"]),
+        (
+            lambda s: dict(layers__0__attention__wq__weight=_wq_rows(s, 32)),
+            ["tensor layers.0.attention.wq.weight has shape [96, 128], config implies [128, 128]"],
+        ),
     ],
     ids=["other-dim", "replicated-shape", "replicated-values", "missing-tensor", "split-dim-sum"],
 )
@@ -223,8 +241,11 @@ def test_pickle_that_tries_to_run_code_is_refused(capsys, tmp_path, ckpt, writer
 # -- tokenizer and prompt -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", [b"\x00\xff\xfe garbage\n\x01\x02", b"hello world\n", b"YQ== 0\nYg== 5\n"],
-                         ids=["binary", "text", "rank-gap"])  # fmt: skip
+@pytest.mark.parametrize(
+    "content",
+    [b"\x00\xff\xfe garbage\n\x01\x02", b"hello world\n", b"YQ== 0\nYg== 5\n"],
+    ids=["binary", "text", "rank-gap"],
+)
 def test_garbage_tokenizer_model(capsys, tmp_path, ckpt, content):
     (ckpt / "tokenizer.model").write_bytes(content)
     refused_trace(capsys, tmp_path, ckpt, f"{ckpt / 'tokenizer.model'}:")
@@ -255,8 +276,15 @@ def test_empty_prompt_is_just_begin_of_text(capsys, ckpt, out):
 
 def test_prompt_longer_than_the_context(capsys, tmp_path, ckpt):
     edit_json(ckpt / "params.json", max_seq_len=4)
-    refused_trace(capsys, tmp_path, ckpt, str(ckpt), "longer than the model's context of 4", "max_seq_len",
-                  extra=("--prompt", "a prompt of well over four tokens"))  # fmt: skip
+    refused_trace(
+        capsys,
+        tmp_path,
+        ckpt,
+        str(ckpt),
+        "longer than the model's context of 4",
+        "max_seq_len",
+        extra=("--prompt", "a prompt of well over four tokens"),
+    )
 
 
 def test_prompt_file_is_read_as_it_is(capsys, tmp_path, ckpt, out):
@@ -279,8 +307,14 @@ def test_bad_prompt_file(capsys, tmp_path, ckpt, content, fragment):
 def test_prompt_file_longer_than_the_context(capsys, tmp_path, ckpt):
     edit_json(ckpt / "params.json", max_seq_len=64)
     (tmp_path / "prompt.txt").write_text("one two three four five six seven eight nine ten " * 20)
-    refused_trace(capsys, tmp_path, ckpt, "longer than the model's context of 64", "max_seq_len",
-                  extra=("--prompt-file", tmp_path / "prompt.txt"))  # fmt: skip
+    refused_trace(
+        capsys,
+        tmp_path,
+        ckpt,
+        "longer than the model's context of 64",
+        "max_seq_len",
+        extra=("--prompt-file", tmp_path / "prompt.txt"),
+    )
 
 
 def test_unknown_device(capsys, tmp_path, ckpt):
@@ -385,7 +419,9 @@ def good_trace(capsys, tiny_checkpoint, tmp_path):
 def test_load_trace_of_a_truncated_or_non_hdf5_file(good_trace, tmp_path, content):
     data = good_trace.read_bytes()
     bad = tmp_path / "bad.h5"
-    bad.write_bytes({"half": data[: len(data) // 2], "head": data[:100], "empty": b"", "text": b"not hdf5\n" * 50}[content])
+    bad.write_bytes(
+        {"half": data[: len(data) // 2], "head": data[:100], "empty": b"", "text": b"not hdf5\n" * 50}[content]
+    )
     with pytest.raises(HarnessError, match=f"{bad}: not a readable HDF5 trace"):
         harness.load_trace(bad)
 
@@ -394,7 +430,9 @@ def test_load_trace_of_a_truncated_or_non_hdf5_file(good_trace, tmp_path, conten
 def test_load_trace_of_another_format_version(good_trace, version, shown):
     with h5py.File(good_trace, "a") as f:
         f.attrs["format_version"] = version
-    with pytest.raises(HarnessError, match=f"{good_trace}: trace format version {shown}, this harness reads versions 1 and 2"):
+    with pytest.raises(
+        HarnessError, match=f"{good_trace}: trace format version {shown}, this harness reads versions 1 and 2"
+    ):
         harness.load_trace(good_trace)
 
 
@@ -434,8 +472,16 @@ def test_debug_flag_keeps_the_traceback(tmp_path):
 # -- interrupts and determinism ---------------------------------------------------------------------------------------
 
 # Big enough that the forward takes seconds (8 layers, dim 512, ~300 tokens), small enough to make in a second.
-_SLOW = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, multiple_of=256, ffn_dim_multiplier=1.0, norm_eps=1e-5,
-             rope_theta=500000.0)  # fmt: skip
+_SLOW = dict(
+    dim=512,
+    n_layers=8,
+    n_heads=8,
+    n_kv_heads=2,
+    multiple_of=256,
+    ffn_dim_multiplier=1.0,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -453,14 +499,28 @@ def _reset_sigint():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_mid_trace_leaves_the_previous_output_and_no_temporary(capsys, tiny_checkpoint, slow_checkpoint, out, sig):
+def test_interrupt_mid_trace_leaves_the_previous_output_and_no_temporary(
+    capsys, tiny_checkpoint, slow_checkpoint, out, sig
+):
     path = out / "t.h5"
     assert cli(capsys, "trace", tiny_checkpoint("3.0"), "--out", path)[0] == 0
     previous = path.read_bytes()
-    cmd = [sys.executable, "-m", "harness", "trace", str(slow_checkpoint), "--out", str(path), "--names", "logits",
-           "--prompt", "hello world, " * 100]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_reset_sigint)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "trace",
+        str(slow_checkpoint),
+        "--out",
+        str(path),
+        "--names",
+        "logits",
+        "--prompt",
+        "hello world, " * 100,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_reset_sigint
+    )
     try:
         tmp = out / f".t.h5.{proc.pid}.tmp"
         deadline = time.monotonic() + 120
@@ -484,8 +544,13 @@ def _datasets(path) -> dict[str, tuple]:
     found = {}
     with h5py.File(path, "r") as f:
         found["/"] = dict(f.attrs)
-        f.visititems(lambda name, obj: found.__setitem__(name, (obj.dtype.str, obj.shape, obj[()].tobytes(), dict(obj.attrs)))
-                     if isinstance(obj, h5py.Dataset) else None)  # fmt: skip
+        f.visititems(
+            lambda name, obj: (
+                found.__setitem__(name, (obj.dtype.str, obj.shape, obj[()].tobytes(), dict(obj.attrs)))
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
     return found
 
 
@@ -501,4 +566,6 @@ def test_two_trace_runs_are_bit_identical(tiny_checkpoint, tmp_path):
             assert {k: v for k, v in a[key].items()} == b[key]
             continue
         assert a[key][:2] == b[key][:2] and a[key][2] == b[key][2], f"{key} differs between runs"
-        assert {k: np.asarray(v).tolist() for k, v in a[key][3].items()} == {k: np.asarray(v).tolist() for k, v in b[key][3].items()}
+        assert {k: np.asarray(v).tolist() for k, v in a[key][3].items()} == {
+            k: np.asarray(v).tolist() for k, v in b[key][3].items()
+        }

@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 import torch
+from helpers_bad_input import write_shards  # Meta's split: dim 0 for wq/wk/wv/w1/w3/output/embeddings, 1 for wo/w2
 
 from harness.checkpoint import load_pth, open_checkpoint
 from harness.errors import HarnessError
-from helpers_bad_input import write_shards  # Meta's split: dim 0 for wq/wk/wv/w1/w3/output/embeddings, 1 for wo/w2
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
@@ -55,7 +55,9 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tiny_checkpoint, tmp_path):
     sd = dict(load_pth(tiny_checkpoint("3.0") / "consolidated.00.pth"))  # not dst's: it is rewritten below
     sd["layers.1.feed_forward.w3.weight"] = sd["layers.1.feed_forward.w3.weight"][:-32].clone()
     torch.save(sd, dst / "consolidated.00.pth")
-    with pytest.raises(HarnessError, match=r"layers\.1\.feed_forward\.w3\.weight has shape \[416, 128\], config implies \[448, 128\]"):
+    with pytest.raises(
+        HarnessError, match=r"layers\.1\.feed_forward\.w3\.weight has shape \[416, 128\], config implies \[448, 128\]"
+    ):
         open_checkpoint(dst)
 
 

@@ -13,10 +13,19 @@ import pytest
 import torch
 
 from harness import record, tracing
-from harness.cli import main
-from harness.compare import (ABS_TERM_ULPS, BLOCK_POSITIONS, DIRECT_RTOL, FLOOR_FACTOR, ORACLE_PREFIX, UNIT_ROUNDOFF, compare_traces,
-                             oracle_bound, small_sample_factor)  # fmt: skip
 from harness.checkpoint import open_checkpoint
+from harness.cli import main
+from harness.compare import (
+    ABS_TERM_ULPS,
+    BLOCK_POSITIONS,
+    DIRECT_RTOL,
+    FLOOR_FACTOR,
+    ORACLE_PREFIX,
+    UNIT_ROUNDOFF,
+    compare_traces,
+    oracle_bound,
+    small_sample_factor,
+)
 
 TOKENS = [1, 5, 7, 2, 9, 4]
 T = len(TOKENS)
@@ -41,8 +50,16 @@ def noisy(x: torch.Tensor, rel: float, seed: int) -> torch.Tensor:
 @pytest.fixture
 def base() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    names = ["embeddings", "layers.0.attention_norm", "layers.0.attention.heads.0.probs", "layers.0.output",
-             "layers.1.output", "layers.10.output", "norm", "logits"]  # fmt: skip
+    names = [
+        "embeddings",
+        "layers.0.attention_norm",
+        "layers.0.attention.heads.0.probs",
+        "layers.0.output",
+        "layers.1.output",
+        "layers.10.output",
+        "norm",
+        "logits",
+    ]
     return {n: torch.randn((T, T) if n.endswith("probs") else (T, 16), generator=g, dtype=torch.float64) for n in names}
 
 
@@ -61,7 +78,9 @@ def test_identical_bare_traces_pass_and_json_has_the_documented_keys(tmp_path, b
 
 def test_only_common_names_are_compared_and_missing_ones_are_listed(tmp_path, base):
     a = write_trace(tmp_path / "a.h5", base)
-    partial = {k: v for k, v in base.items() if k in ("layers.0.output", "logits")} | {"layers.0.mine": torch.ones(T, 3)}
+    partial = {k: v for k, v in base.items() if k in ("layers.0.output", "logits")} | {
+        "layers.0.mine": torch.ones(T, 3)
+    }
     b = write_trace(tmp_path / "b.h5", partial)
     c = compare_traces(a, b)
     assert c.passed, "names missing on one side are not failures"
@@ -101,7 +120,9 @@ def test_the_oracle_rule_passes_the_reference_rounding_and_fails_ten_times_it(tm
     assert oracle_bound(0.01, "bfloat16", T * 64) == pytest.approx(expected_bound)
     assert ok.against == "oracle" and ok.floor == pytest.approx(0.01, rel=1e-6), ok
     assert ok.bound == pytest.approx(expected_bound, rel=1e-6), (ok.bound, expected_bound)
-    assert ok.passed and ok.floor_ratio == pytest.approx(0.012 / tail / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3), ok
+    assert ok.passed and ok.floor_ratio == pytest.approx(
+        0.012 / tail / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3
+    ), ok
     assert not wrong.passed and wrong.ratio > 1, f"10x the floor must fail: {wrong}"
 
 
@@ -121,7 +142,12 @@ def test_first_divergence_is_the_earliest_failure_in_forward_order(tmp_path, bas
     c = compare_traces(a, write_trace(tmp_path / "b.h5", broken))
     assert not c.passed
     assert c.first_divergence == "layers.0.attention.heads.0.probs", f"got {c.first_divergence}"
-    assert [r.name for r in c.failed] == ["layers.0.attention.heads.0.probs", "layers.1.output", "layers.10.output", "logits"]
+    assert [r.name for r in c.failed] == [
+        "layers.0.attention.heads.0.probs",
+        "layers.1.output",
+        "layers.10.output",
+        "logits",
+    ]
     assert c.result("layers.0.attention.heads.0.probs").head == 0
 
 
@@ -155,7 +181,9 @@ def test_logits_metrics_count_agreement_per_position(tmp_path, base):
     swapped = logits.clone()
     top2 = logits[3].topk(2).indices
     swapped[3, top2[0]], swapped[3, top2[1]] = logits[3, top2[1]], logits[3, top2[0]]  # position 3 predicts its 2nd
-    c = compare_traces(write_trace(tmp_path / "a.h5", {"logits": logits}), write_trace(tmp_path / "b.h5", {"logits": swapped}))
+    c = compare_traces(
+        write_trace(tmp_path / "a.h5", {"logits": logits}), write_trace(tmp_path / "b.h5", {"logits": swapped})
+    )
     m = c.result("logits").logits
     assert m["top1"] == [True, True, True, False, True, True], m["top1"]
     assert m["top5_rate"] == 1.0 and m["kl"][0] == 0.0 and m["kl"][3] > 0, m
@@ -172,7 +200,15 @@ def test_verify_passes_and_writes_its_report(verified, case):
     assert c["mode"] == "oracle", f"verify must calibrate on the reference's float64 oracle, got mode {c['mode']}"
     assert c["passed"], f"{case.id}: the correct forward diverged at {c['first_divergence']}"
     print(f"{case.id}: largest ratio {worst['ratio']:.3f} ({worst['floor_ratio']:.2f}x floor) at {worst['name']}")
-    for f in ("reference.h5", "scratch.h5", "comparison.json", "report.html", "heads.png", "depth.png", "attention.png"):
+    for f in (
+        "reference.h5",
+        "scratch.h5",
+        "comparison.json",
+        "report.html",
+        "heads.png",
+        "depth.png",
+        "attention.png",
+    ):
         assert (run.out / f).is_file(), f"verify did not write {f} into {run.out}"
 
 
@@ -317,7 +353,9 @@ def test_an_error_growing_late_in_a_long_prompt_fails_at_its_first_position(tmp_
     assert all(blk["ratio"] < 0.5 for blk in r.blocks[:-1]) and r.blocks[-1]["ratio"] == pytest.approx(r.ratio)
     from harness.report import describe_divergence, plot_positions
 
-    assert "first failing at position 3900; worst at positions 3840-4095" in describe_divergence(c), describe_divergence(c)
+    assert "first failing at position 3900; worst at positions 3840-4095" in describe_divergence(c), (
+        describe_divergence(c)
+    )
     assert plot_positions(c, tmp_path / "positions.png") and (tmp_path / "positions.png").stat().st_size > 0
 
 
@@ -352,7 +390,9 @@ def test_compare_reads_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_module, "CHUNK_ELEMENTS", 1000)
     chunked = compare_traces(*paths).result(Q)
     assert max(sizes) <= 1000 and len(sizes) > 3 * LONG * 16 // 1000, (max(sizes), len(sizes))
-    assert chunked.rel_l2 == pytest.approx(whole.rel_l2, rel=1e-12) and chunked.ratio == pytest.approx(whole.ratio, rel=1e-12)
+    assert chunked.rel_l2 == pytest.approx(whole.rel_l2, rel=1e-12) and chunked.ratio == pytest.approx(
+        whole.ratio, rel=1e-12
+    )
 
 
 def test_a_decode_step_reports_its_absolute_position(tmp_path):
@@ -372,11 +412,25 @@ def test_the_suite_message_says_where_along_the_prompt_a_name_fails():
 
     from harness import suite
 
-    result = {"passed": False, "rel_l2": 0.04, "bound": 0.05, "ratio": 3.06, "floor": 0.01, "max_abs": 1.0, "max_rel": 1.0,
-              "cosine": 0.999, "worst_position": 3908, "first_failing_position": 3900,
-              "blocks": [{"positions": [0, 3839], "ratio": 0.2}, {"positions": [3840, 4095], "ratio": 3.06}]}  # fmt: skip
-    run = SimpleNamespace(result=lambda name: result, comparison={"first_divergence": Q}, out=Path("out"),
-                          summary={"trace": "out/scratch.h5"})  # fmt: skip
+    result = {
+        "passed": False,
+        "rel_l2": 0.04,
+        "bound": 0.05,
+        "ratio": 3.06,
+        "floor": 0.01,
+        "max_abs": 1.0,
+        "max_rel": 1.0,
+        "cosine": 0.999,
+        "worst_position": 3908,
+        "first_failing_position": 3900,
+        "blocks": [{"positions": [0, 3839], "ratio": 0.2}, {"positions": [3840, 4095], "ratio": 3.06}],
+    }
+    run = SimpleNamespace(
+        result=lambda name: result,
+        comparison={"first_divergence": Q},
+        out=Path("out"),
+        summary={"trace": "out/scratch.h5"},
+    )
     case = SimpleNamespace(impl="scratch", id="tiny3.1-bfloat16")
     with pytest.raises(pytest.fail.Exception) as failed:
         suite.check(lambda c: run, case, Q)

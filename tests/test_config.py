@@ -9,13 +9,41 @@ from harness.config import config_from_hf_json, config_from_params_json, ffn_dim
 from harness.errors import HarnessError
 
 # params.json as shipped with Meta-Llama-3-8B, Llama-3.1-8B, Llama-3.2-1B and Meta-Llama-3-70B.
-LLAMA3_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-             "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}  # fmt: skip
+LLAMA3_8B = {
+    "dim": 4096,
+    "n_layers": 32,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "vocab_size": 128256,
+    "multiple_of": 1024,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+}
 LLAMA31_8B = {**LLAMA3_8B, "use_scaled_rope": True}
-LLAMA32_1B = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
-              "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}  # fmt: skip
-LLAMA3_70B = {"dim": 8192, "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "n_heads": 64, "n_kv_heads": 8,
-              "n_layers": 80, "norm_eps": 1e-05, "vocab_size": 128256, "rope_theta": 500000.0}  # fmt: skip
+LLAMA32_1B = {
+    "dim": 2048,
+    "ffn_dim_multiplier": 1.5,
+    "multiple_of": 256,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "n_layers": 16,
+    "norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "use_scaled_rope": True,
+    "vocab_size": 128256,
+}
+LLAMA3_70B = {
+    "dim": 8192,
+    "ffn_dim_multiplier": 1.3,
+    "multiple_of": 4096,
+    "n_heads": 64,
+    "n_kv_heads": 8,
+    "n_layers": 80,
+    "norm_eps": 1e-05,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+}
 
 
 def write(tmp_path, name, data):
@@ -51,11 +79,27 @@ def test_scaled_rope_uses_metas_hard_coded_factor_8(tmp_path):
 
 
 def test_hf_config_keeps_its_own_factor_32(tmp_path):
-    hf = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32,
-          "num_key_value_heads": 8, "num_hidden_layers": 16, "rms_norm_eps": 1e-5, "vocab_size": 128256,
-          "tie_word_embeddings": True, "max_position_embeddings": 131072, "head_dim": 64, "rope_theta": 500000.0,
-          "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                           "original_max_position_embeddings": 8192, "rope_type": "llama3"}}  # fmt: skip
+    hf = {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 16,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "head_dim": 64,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+    }
     config = config_from_hf_json(write(tmp_path, "config.json", hf))
     assert config.rope_scaling_factor == 32.0 and config.tie_word_embeddings and config.head_dim == 64
     # transformers 5.x writes rope_parameters (with rope_theta inside) instead of rope_scaling
@@ -70,9 +114,18 @@ def test_rope_scaling_matches_transformers_llama3_init(tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = config_from_params_json(write(tmp_path, "params.json", LLAMA31_8B))
-    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})  # fmt: skip
+    hf = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     ours = rope_frequencies(config)
     torch.testing.assert_close(ours.float(), inv_freq.float(), rtol=1e-6, atol=0)

@@ -42,20 +42,28 @@ def test_without_original_params_the_ffn_factors_are_found_anew(tiny_checkpoint,
     assert dataclasses.replace(b, multiple_of=32) == a
 
 
-@pytest.mark.parametrize("dim, ffn_dim, expected", [
-    (4096, 14336, (2048, 1.3)),  # Llama-3-8B (Meta: 1024, 1.3)
-    (8192, 28672, (4096, 1.3)),  # 70B (Meta: 4096, 1.3)
-    (16384, 53248, (4096, 1.2)),  # 405B (Meta: 4096, 1.2)
-    (2048, 8192, (4096, None)),  # 3.2-1B (Meta: 256, 1.5)
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "dim, ffn_dim, expected",
+    [
+        (4096, 14336, (2048, 1.3)),  # Llama-3-8B (Meta: 1024, 1.3)
+        (8192, 28672, (4096, 1.3)),  # 70B (Meta: 4096, 1.3)
+        (16384, 53248, (4096, 1.2)),  # 405B (Meta: 4096, 1.2)
+        (2048, 8192, (4096, None)),  # 3.2-1B (Meta: 256, 1.5)
+    ],
+)
 def test_ffn_factors_reproduce_real_widths(dim, ffn_dim, expected):
     multiple_of, multiplier = _find_ffn_params(dim, ffn_dim, Path("config.json"))
     assert (multiple_of, multiplier) == expected and ffn_dim_from_meta(dim, multiple_of, multiplier) == ffn_dim
 
 
 def test_a_width_meta_cannot_write_is_an_error_naming_config_json(tiny_checkpoint):
-    config = dataclasses.replace(open_checkpoint(tiny_checkpoint("3.0", "hf")).config, dim=4096, ffn_dim=13077,
-                                 multiple_of=None, ffn_dim_multiplier=None)  # fmt: skip
+    config = dataclasses.replace(
+        open_checkpoint(tiny_checkpoint("3.0", "hf")).config,
+        dim=4096,
+        ffn_dim=13077,
+        multiple_of=None,
+        ffn_dim_multiplier=None,
+    )
     with pytest.raises(HarnessError, match=r"hf/config.json: intermediate_size 13077 cannot be written"):
         meta_params(config, Path("hf/config.json"))
 
@@ -64,7 +72,9 @@ def test_tokenizer_model_is_rebuilt_from_tokenizer_json(tiny_checkpoint, tmp_pat
     shutil.copytree(tiny_checkpoint("3.0", "hf"), tmp_path / "hf")
     shutil.rmtree(tmp_path / "hf" / "original")
     convert(tmp_path / "hf", tmp_path / "meta", to="meta")
-    assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == (tiny_checkpoint("3.0") / "tokenizer.model").read_bytes()
+    assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == (
+        tiny_checkpoint("3.0") / "tokenizer.model"
+    ).read_bytes()
 
 
 def test_cli_convert(tiny_checkpoint, tmp_path, capsys):

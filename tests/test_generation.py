@@ -90,23 +90,58 @@ def _prefill_not_cached(original):
 
 
 CATALOGUE = [
-    Mutant("positions_restart", "decode positions restart at 0 (RoPE of position 0 for every decoded token)",
-           f"steps.1.{HEAD0}.q_rotated", "step_freqs_cis", lambda f: lambda cfg, start, n, dt, dev: f(cfg, 0, n, dt, dev)),
-    Mutant("cache_not_appended", "decode steps do not append their keys and values to the cache",
-           f"steps.1.{HEAD0}.cache_k", "append_to_cache", _appending(lambda past, new, s: past if s else new)),
-    Mutant("cache_appended_twice", "decode steps append their keys and values twice",
-           f"steps.1.{HEAD0}.cache_k", "append_to_cache",
-           _appending(lambda past, new, s: torch.cat([past, new, new] if s else [past, new], dim=1))),
-    Mutant("cache_off_by_one", "cache written at start_pos - 1 (over the previous token's key), start_pos left empty",
-           f"steps.1.{HEAD0}.cache_k", "append_to_cache", _appending(_off_by_one)),
-    Mutant("decode_query_masked", "the prefill's causal mask triu(diagonal=1) applied to the single decode query",
-           f"steps.1.{HEAD0}.probs", "step_mask",
-           lambda f: lambda n, start, dt, dev: torch.triu(torch.full((n, start + n), float("-inf"), dtype=dt, device=dev), 1)),
-    Mutant("keys_cached_unrotated", "keys cached before RoPE and attended unrotated", f"steps.0.{HEAD0}.cache_k",
-           "new_keys_values", _unrotated),
-    Mutant("prefill_skipped", "the prompt never reaches the cache (the notebook thread's missing prefill)",
-           f"steps.1.{HEAD0}.cache_k", "append_to_cache", _prefill_not_cached),
-]  # fmt: skip
+    Mutant(
+        "positions_restart",
+        "decode positions restart at 0 (RoPE of position 0 for every decoded token)",
+        f"steps.1.{HEAD0}.q_rotated",
+        "step_freqs_cis",
+        lambda f: lambda cfg, start, n, dt, dev: f(cfg, 0, n, dt, dev),
+    ),
+    Mutant(
+        "cache_not_appended",
+        "decode steps do not append their keys and values to the cache",
+        f"steps.1.{HEAD0}.cache_k",
+        "append_to_cache",
+        _appending(lambda past, new, s: past if s else new),
+    ),
+    Mutant(
+        "cache_appended_twice",
+        "decode steps append their keys and values twice",
+        f"steps.1.{HEAD0}.cache_k",
+        "append_to_cache",
+        _appending(lambda past, new, s: torch.cat([past, new, new] if s else [past, new], dim=1)),
+    ),
+    Mutant(
+        "cache_off_by_one",
+        "cache written at start_pos - 1 (over the previous token's key), start_pos left empty",
+        f"steps.1.{HEAD0}.cache_k",
+        "append_to_cache",
+        _appending(_off_by_one),
+    ),
+    Mutant(
+        "decode_query_masked",
+        "the prefill's causal mask triu(diagonal=1) applied to the single decode query",
+        f"steps.1.{HEAD0}.probs",
+        "step_mask",
+        lambda f: (
+            lambda n, start, dt, dev: torch.triu(torch.full((n, start + n), float("-inf"), dtype=dt, device=dev), 1)
+        ),
+    ),
+    Mutant(
+        "keys_cached_unrotated",
+        "keys cached before RoPE and attended unrotated",
+        f"steps.0.{HEAD0}.cache_k",
+        "new_keys_values",
+        _unrotated,
+    ),
+    Mutant(
+        "prefill_skipped",
+        "the prompt never reaches the cache (the notebook thread's missing prefill)",
+        f"steps.1.{HEAD0}.cache_k",
+        "append_to_cache",
+        _prefill_not_cached,
+    ),
+]
 
 
 def XDIST_GROUP(item) -> str:
@@ -131,8 +166,10 @@ def assert_passes(comparison, what: str, results=None) -> None:
     to the floor its scores and the cache's values imply) and the cache check. `results`: NameResults to check instead
     of `comparison`'s (e.g. a verify's comparison and cache check together)."""
     failed = [r for r in (comparison.results if results is None else results) if not r.passed]
-    assert not failed, (f"{what}: {len(failed)} names fail, first {failed[0].name} at {failed[0].ratio:.3g}x the bound "
-                        f"(rel_l2 {failed[0].rel_l2:.3g}, floor {failed[0].floor})")
+    assert not failed, (
+        f"{what}: {len(failed)} names fail, first {failed[0].name} at {failed[0].ratio:.3g}x the bound "
+        f"(rel_l2 {failed[0].rel_l2:.3g}, floor {failed[0].floor})"
+    )
 
 
 def first_failure(run, reference: Path, out: Path, impl="scratch") -> tuple[str | None, str]:
@@ -172,7 +209,9 @@ def test_step_names_are_step_major_in_forward_order():
     assert order == sorted(order, key=names.order_key)
     assert order[0] == "tokens" and order[1] == "steps.0.embeddings" and order[-1] == "steps.2.logits"
     assert names.order_key("steps.0.logits") < names.order_key("steps.1.embeddings")
-    assert names.order_key("steps.1.layers.0.attention.heads.0.cache_k") < names.order_key("steps.1.layers.0.attention.heads.0.scores")
+    assert names.order_key("steps.1.layers.0.attention.heads.0.cache_k") < names.order_key(
+        "steps.1.layers.0.attention.heads.0.scores"
+    )
     assert names.split_step("steps.10.layers.3.ffn_norm") == (10, "layers.3.ffn_norm")
     assert names.parse("steps.2.layers.3.attention.heads.1.probs") == (3, 1, "probs")
     assert names.axes("steps.1.layers.0.attention.heads.0.scores") == ("T", "K")
@@ -211,7 +250,9 @@ def test_verify_generate_passes_with_per_step_results(tiny_checkpoint, variant, 
 
 def test_cache_against_no_cache_catches_a_cache_only_bug(tiny_checkpoint, tmp_path, monkeypatch):
     """Positions restarting at 0 in decode steps: the no-cache forward (positions 0 .. P + N - 1) disagrees."""
-    monkeypatch.setattr(scratch, "step_freqs_cis", lambda cfg, start, n, dt, dev: scratch.rope_freqs_cis(cfg, n, dt, dev))
+    monkeypatch.setattr(
+        scratch, "step_freqs_cis", lambda cfg, start, n, dt, dev: scratch.rope_freqs_cis(cfg, n, dt, dev)
+    )
     result = verify(tiny_checkpoint("3.0"), out=tmp_path / "v", generate=2)
     assert not result.passed and not result.cache_passed
     assert [r.name for r in result.cache_check if not r.passed][0] == f"steps.1.{HEAD0}.q_rotated"
@@ -220,9 +261,13 @@ def test_cache_against_no_cache_catches_a_cache_only_bug(tiny_checkpoint, tmp_pa
 def test_example_with_its_cache_passes_through_impl(tiny_checkpoint, tmp_path):
     results = {}
     for dtype in DTYPES:
-        results[dtype] = verify(tiny_checkpoint("3.1"), out=tmp_path / dtype, dtype=dtype, impl=f"{EXAMPLE}:forward", generate=STEPS)
+        results[dtype] = verify(
+            tiny_checkpoint("3.1"), out=tmp_path / dtype, dtype=dtype, impl=f"{EXAMPLE}:forward", generate=STEPS
+        )
         assert (tmp_path / dtype / "implementation-nocache.h5").is_file()
-        assert not json.loads((tmp_path / dtype / "comparison.json").read_text())["generation"]["unexplained_disagreements"]
+        assert not json.loads((tmp_path / dtype / "comparison.json").read_text())["generation"][
+            "unexplained_disagreements"
+        ]
     everything = [r for d in DTYPES for r in results[d].comparison.results + results[d].cache_check]
     assert_passes(None, "examples/my_llama.py, both dtypes, against HF and against its no-cache forward", everything)
 
@@ -239,11 +284,14 @@ def _no_decode(checkpoint, tokens, *, dtype, device):
     return torch.zeros(len(tokens), checkpoint.config.vocab_size)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--generate", "-1"], "0 or more"),
-    (["--generate", "2", "--isolated"], "--isolated with --generate"),
-    (["--generate", "2", "--impl", f"{__file__}:_no_decode"], "start_pos"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--generate", "-1"], "0 or more"),
+        (["--generate", "2", "--isolated"], "--isolated with --generate"),
+        (["--generate", "2", "--impl", f"{__file__}:_no_decode"], "start_pos"),
+    ],
+)
 def test_bad_generate_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, args, message):
     out = tmp_path / "v"
     assert main(["verify", str(tiny_checkpoint("3.0")), "--out", str(out), *args]) == 2

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_bad_input import snapshot
+from test_bad_input import assert_refused, cli
 
 import harness
 from harness import reference
-from harness.adapter import Adapter, output_of
+from harness.adapter import output_of
 from harness.checkpoint import open_checkpoint
 from harness.cli import main
 from harness.compare import compare_traces
 from harness.runner import trace_reference
 from harness.verify import verify
-from helpers_bad_input import snapshot
-from test_bad_input import assert_refused, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "my_llama.py"
@@ -37,10 +37,14 @@ def mutated_example(folder: Path, old: str, new: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("variant, dtype, isolated", [("3.0", "bfloat16", False), ("3.1", "float32", True),
-                                                      ("3.2", "bfloat16", True), ("3.2", "float32", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "variant, dtype, isolated",
+    [("3.0", "bfloat16", False), ("3.1", "float32", True), ("3.2", "bfloat16", True), ("3.2", "float32", False)],
+)
 def test_the_notebook_style_example_passes(tiny_checkpoint, tmp_path, variant, dtype, isolated):
-    result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype=dtype, isolated=isolated, impl=f"{EXAMPLE}:forward")
+    result = verify(
+        tiny_checkpoint(variant), out=tmp_path / "v", dtype=dtype, isolated=isolated, impl=f"{EXAMPLE}:forward"
+    )
     assert result.passed, f"first divergence {result.comparison.first_divergence}"
     assert len(result.comparison.results) > 150 and result.trace_path.name == "implementation.h5"
     assert result.reference_token == result.implementation_token
@@ -51,7 +55,9 @@ def test_the_notebook_style_example_passes(tiny_checkpoint, tmp_path, variant, d
 
 
 def test_a_mutated_copy_fails_at_the_name_of_its_bug(tiny_checkpoint, tmp_path):
-    impl = mutated_example(tmp_path, "hidden = torch.nn.functional.silu(gate) * up", "hidden = gate * torch.nn.functional.silu(up)")
+    impl = mutated_example(
+        tmp_path, "hidden = torch.nn.functional.silu(gate) * up", "hidden = gate * torch.nn.functional.silu(up)"
+    )
     result = verify(tiny_checkpoint("3.0"), out=tmp_path / "v", dtype="bfloat16", impl=f"{impl}:forward")
     assert not result.passed and result.comparison.first_divergence == "layers.0.feed_forward.hidden"
 
@@ -66,9 +72,26 @@ def test_isolated_finds_a_last_layer_bug_in_the_last_layer(tiny_checkpoint, tmp_
 
 def test_module_attr_from_pythonpath_through_the_cli(tiny_checkpoint, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(EXAMPLE.parent))
-    proc = subprocess.run([sys.executable, "-m", "harness", "verify", str(tiny_checkpoint("3.0")), "--impl", "my_llama:forward",
-                           "--out", str(tmp_path / "v"), "--dtype", "bfloat16"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "verify",
+            str(tiny_checkpoint("3.0")),
+            "--impl",
+            "my_llama:forward",
+            "--out",
+            str(tmp_path / "v"),
+            "--dtype",
+            "bfloat16",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "my_llama:forward" in proc.stdout and json.loads((tmp_path / "v" / "comparison.json").read_text())["passed"]
 
@@ -77,8 +100,13 @@ def test_the_hugging_face_adapter_as_a_users_module(tiny_checkpoint, tmp_path):
     """An Adapter is an implementation like any other: HF's own, named as MODULE:ATTR, passes end to end and isolated
     (its layers' inputs replaced by a forward pre-hook)."""
     for isolated in (False, True):
-        result = verify(tiny_checkpoint("3.2"), out=tmp_path / f"v{isolated}", dtype="bfloat16", isolated=isolated,
-                        impl="harness.reference:HUGGING_FACE")  # fmt: skip
+        result = verify(
+            tiny_checkpoint("3.2"),
+            out=tmp_path / f"v{isolated}",
+            dtype="bfloat16",
+            isolated=isolated,
+            impl="harness.reference:HUGGING_FACE",
+        )
         assert result.passed and len(result.comparison.results) > 150, result.comparison.first_divergence
 
 
@@ -133,20 +161,40 @@ def test_a_hand_written_trace_stamped_with_its_checkpoint_is_refused_against_ano
 # ---- bad implementations: one line, exit 2, no file written or changed ----------------------------------------------
 
 BAD = {
-    "missing_attr": ("def forward(checkpoint, tokens, *, dtype, device):\n    pass\n", "forwad", "no attribute 'forwad'"),
+    "missing_attr": (
+        "def forward(checkpoint, tokens, *, dtype, device):\n    pass\n",
+        "forwad",
+        "no attribute 'forwad'",
+    ),
     "not_callable": ("forward = 42\n", "forward", "not callable"),
     "wrong_signature": ("def forward(tokens):\n    pass\n", "forward", "does not accept"),
-    "raises": ("def forward(checkpoint, tokens, *, dtype, device):\n    raise ValueError('boom')\n", "forward", "raised ValueError: boom"),
+    "raises": (
+        "def forward(checkpoint, tokens, *, dtype, device):\n    raise ValueError('boom')\n",
+        "forward",
+        "raised ValueError: boom",
+    ),
     "syntax_error": ("def forward(:\n", "forward", "SyntaxError"),
-    "records_nothing": ("import torch\ndef forward(checkpoint, tokens, *, dtype, device):\n"
-                        "    return torch.zeros(len(tokens), checkpoint.config.vocab_size)\n", "forward", "recorded nothing"),
-    "wrong_record_shape": ("import torch, harness\ndef forward(checkpoint, tokens, *, dtype, device):\n"
-                           "    harness.record('embeddings', torch.zeros(len(tokens), 3))\n"
-                           "    return torch.zeros(len(tokens), checkpoint.config.vocab_size)\n", "forward", "'embeddings' with shape [17, 3], expected [17, 128]"),
-    "wrong_logits_shape": ("import torch, harness\ndef forward(checkpoint, tokens, *, dtype, device):\n"
-                           "    harness.record('embeddings', torch.zeros(len(tokens), checkpoint.config.dim))\n"
-                           "    return torch.zeros(1, len(tokens), checkpoint.config.vocab_size)\n", "forward", "returned logits [1, 17, 768], expected"),
-}  # fmt: skip
+    "records_nothing": (
+        "import torch\ndef forward(checkpoint, tokens, *, dtype, device):\n"
+        "    return torch.zeros(len(tokens), checkpoint.config.vocab_size)\n",
+        "forward",
+        "recorded nothing",
+    ),
+    "wrong_record_shape": (
+        "import torch, harness\ndef forward(checkpoint, tokens, *, dtype, device):\n"
+        "    harness.record('embeddings', torch.zeros(len(tokens), 3))\n"
+        "    return torch.zeros(len(tokens), checkpoint.config.vocab_size)\n",
+        "forward",
+        "'embeddings' with shape [17, 3], expected [17, 128]",
+    ),
+    "wrong_logits_shape": (
+        "import torch, harness\ndef forward(checkpoint, tokens, *, dtype, device):\n"
+        "    harness.record('embeddings', torch.zeros(len(tokens), checkpoint.config.dim))\n"
+        "    return torch.zeros(1, len(tokens), checkpoint.config.vocab_size)\n",
+        "forward",
+        "returned logits [1, 17, 768], expected",
+    ),
+}
 
 
 @pytest.mark.parametrize("command", ["trace", "verify"])
@@ -166,10 +214,17 @@ def test_a_bad_implementation_is_refused_with_one_line(capsys, tmp_path, tiny_ch
     assert snapshot(tmp_path) == before, "a refused implementation must leave no file written or changed"
 
 
-@pytest.mark.parametrize("spec, fragment", [("no/such/file.py:forward", "file no/such/file.py not found"),
-                                            ("no_such_module:forward", "no module named 'no_such_module'"),
-                                            ("forward", "expected scratch, reference, MODULE:ATTR")])  # fmt: skip
-def test_an_implementation_that_cannot_be_found_is_refused_before_any_work(capsys, tmp_path, tiny_checkpoint, spec, fragment):
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("no/such/file.py:forward", "file no/such/file.py not found"),
+        ("no_such_module:forward", "no module named 'no_such_module'"),
+        ("forward", "expected scratch, reference, MODULE:ATTR"),
+    ],
+)
+def test_an_implementation_that_cannot_be_found_is_refused_before_any_work(
+    capsys, tmp_path, tiny_checkpoint, spec, fragment
+):
     (tmp_path / "out").mkdir()
     before = snapshot(tmp_path)
     code, _, err = cli(capsys, "trace", tiny_checkpoint("3.0"), "--impl", spec, "--out", tmp_path / "out" / "t.h5")
@@ -179,14 +234,27 @@ def test_an_implementation_that_cannot_be_found_is_refused_before_any_work(capsy
 
 def test_isolated_mode_needs_layer_input_calls(capsys, tmp_path, tiny_checkpoint):
     impl = mutated_example(tmp_path, "        x = harness.layer_input(layer, x)\n", "")
-    code, _, err = cli(capsys, "verify", tiny_checkpoint("3.0"), "--impl", f"{impl}:forward", "--isolated", "--out", tmp_path / "v")
+    code, _, err = cli(
+        capsys, "verify", tiny_checkpoint("3.0"), "--impl", f"{impl}:forward", "--isolated", "--out", tmp_path / "v"
+    )
     assert_refused(code, err, "harness.layer_input was never called for layer(s) 0, 1, 2")
     assert not (tmp_path / "v" / "implementation.h5").exists()
 
 
 def test_debug_shows_the_implementations_own_traceback(tmp_path, tiny_checkpoint):
-    (tmp_path / "bad_llama.py").write_text("def forward(checkpoint, tokens, *, dtype, device):\n    raise ValueError('boom')\n")
+    (tmp_path / "bad_llama.py").write_text(
+        "def forward(checkpoint, tokens, *, dtype, device):\n    raise ValueError('boom')\n"
+    )
     with pytest.raises(harness.HarnessError) as info:
-        main(["--debug", "trace", str(tiny_checkpoint("3.0")), "--impl", f"{tmp_path / 'bad_llama.py'}:forward",
-              "--out", str(tmp_path / "t.h5")])  # fmt: skip
+        main(
+            [
+                "--debug",
+                "trace",
+                str(tiny_checkpoint("3.0")),
+                "--impl",
+                f"{tmp_path / 'bad_llama.py'}:forward",
+                "--out",
+                str(tmp_path / "t.h5"),
+            ]
+        )
     assert isinstance(info.value.__cause__, ValueError)

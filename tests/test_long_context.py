@@ -97,9 +97,14 @@ def test_long_context_bug_is_caught_at_q_rotated_with_its_first_position(long_ru
     assert not k.passed, f"{mutant}: k_rotated passes ({k.ratio:.3g}x)"
     assert r.first_failing_position is not None and r.blocks, r
     failing = [b for b in r.blocks if b["ratio"] > 1]
-    assert failing[0]["positions"][0] <= r.first_failing_position <= failing[0]["positions"][1], (r.first_failing_position, failing[0])
-    print(f"{mutant}: {Q0} at {r.ratio:.3g}x the bound (whole tensor {r.rel_l2 / r.bound:.3g}x), first failing position "
-          f"{r.first_failing_position} of {len(run.tokens)}")  # fmt: skip
+    assert failing[0]["positions"][0] <= r.first_failing_position <= failing[0]["positions"][1], (
+        r.first_failing_position,
+        failing[0],
+    )
+    print(
+        f"{mutant}: {Q0} at {r.ratio:.3g}x the bound (whole tensor {r.rel_l2 / r.bound:.3g}x), first failing position "
+        f"{r.first_failing_position} of {len(run.tokens)}"
+    )
 
 
 @pytest.mark.parametrize("impl", ["scratch", f"{EXAMPLE}:forward"], ids=["scratch", "my_llama"])

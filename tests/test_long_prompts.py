@@ -31,10 +31,12 @@ def datasets(path) -> dict[str, tuple[torch.Tensor, dict]]:
     """Every dataset of a trace by name: (values, the attributes that say which rows and what shape)."""
     out = {}
     with h5py.File(path) as f:
+
         def visit(p, ds):
             if isinstance(ds, h5py.Dataset):
                 attrs = {k: ds.attrs[k].tolist() for k in ("rows", "full_shape") if k in ds.attrs}
                 out[ds.attrs["name"]] = (torch.from_numpy(ds[()]), attrs)
+
         f.visititems(visit)
     return out
 
@@ -52,15 +54,18 @@ def float64_frequencies(monkeypatch):
 
 
 @pytest.mark.parametrize("block_rows", [None, 100], ids=["one-block", "blocks-of-100"])
-def test_the_blocked_oracle_records_what_whole_tensors_give(tiny_checkpoint, tmp_path, monkeypatch, float64_frequencies,
-                                                           block_rows):
+def test_the_blocked_oracle_records_what_whole_tensors_give(
+    tiny_checkpoint, tmp_path, monkeypatch, float64_frequencies, block_rows
+):
     """The float64 oracle a block of query rows at a time records exactly what the float64 scratch forward, which holds
     every head's [T, T] whole, records: the same names, the same sampled rows (`rows`, `full_shape`), the same values
     to float64 rounding. Logits bounded as well (FULL_LOGITS_MAX_ELEMENTS lowered so that a tiny vocabulary crosses it)."""
     ckpt = open_checkpoint(tiny_checkpoint("3.1"))
     if block_rows is not None:
         monkeypatch.setattr(reference, "ORACLE_BLOCK_ELEMENTS", block_rows * ckpt.config.n_heads * T)
-    monkeypatch.setattr(sys.modules["harness.tracing"], "FULL_LOGITS_MAX_ELEMENTS", 1 << 16)  # `harness.tracing` is the function
+    monkeypatch.setattr(
+        sys.modules["harness.tracing"], "FULL_LOGITS_MAX_ELEMENTS", 1 << 16
+    )  # `harness.tracing` is the function
     ids, names = prompt_ids(ckpt, T), ["layers.2.*", "logits"]  # the last layer: after every block of the others
     with harness.tracing(tmp_path / "oracle.h5", names=names), torch.inference_mode():
         reference.run_oracle(ckpt, ids, prefix="")
@@ -69,7 +74,10 @@ def test_the_blocked_oracle_records_what_whole_tensors_give(tiny_checkpoint, tmp
     oracle, whole = datasets(tmp_path / "oracle.h5"), datasets(tmp_path / "scratch.h5")
     assert sorted(oracle) == sorted(whole)
     probs, logits = "layers.2.attention.heads.7.probs", "logits"
-    assert oracle[probs][1] == {"rows": sampled_rows(T), "full_shape": [T, T]} and oracle[probs][0].shape == (SAMPLED_ROWS, T)
+    assert oracle[probs][1] == {"rows": sampled_rows(T), "full_shape": [T, T]} and oracle[probs][0].shape == (
+        SAMPLED_ROWS,
+        T,
+    )
     assert oracle[logits][1] == {"rows": sampled_rows(T), "full_shape": [T, ckpt.config.vocab_size]}
     for name, (values, attrs) in whole.items():
         assert oracle[name][1] == attrs, name

@@ -102,49 +102,155 @@ def _swap(w: dict, a: str, b: str) -> None:
 
 HEAD0 = "layers.0.attention.heads.0"
 CATALOGUE = [
-    Mutant("rope_theta", "rope_theta 10000 (Llama 2's) instead of the checkpoint's 500000", f"{HEAD0}.q_rotated",
-           "rope_freqs_cis", lambda f, c: lambda cfg, n, dt, dev: f(dataclasses.replace(cfg, rope_theta=10000.0), n, dt, dev)),
-    Mutant("positions_from_1", "RoPE positions start at 1", f"{HEAD0}.q_rotated",
-           "rope_freqs_cis", lambda f, c: lambda cfg, n, dt, dev: f(cfg, n + 1, dt, dev)[1:]),
-    Mutant("rotate_half", "rotate_half pairing on Meta's interleaved layout", f"{HEAD0}.q_rotated", "rotate", _rotate_halves),
-    Mutant("gqa_modulo", "GQA: query head h reads KV head h % n_kv instead of h // n_rep",
-           "layers.0.attention.heads.1.k", "kv_head_of", lambda f, c: lambda h, cfg: h % cfg.n_kv_heads),
-    Mutant("scale_sqrt_dim", "scores divided by sqrt(dim) instead of sqrt(head_dim)", f"{HEAD0}.scores",
-           "score_scale", lambda f, c: lambda cfg: cfg.dim**0.5),
-    Mutant("mask_diagonal_0", "causal mask triu(diagonal=0): a token cannot see itself", f"{HEAD0}.probs",
-           "causal_mask", lambda f, c: lambda n, dt, dev: torch.triu(torch.full((n, n), float("-inf"), dtype=dt, device=dev), 0)),
-    Mutant("no_mask", "no causal mask", f"{HEAD0}.probs", "causal_mask", lambda f, c: lambda n, dt, dev: torch.zeros(n, n, dtype=dt, device=dev)),
-    Mutant("softmax_dim0", "softmax over queries (dim 0) instead of keys", f"{HEAD0}.probs",
-           "softmax", lambda f, c: lambda s: torch.nn.functional.softmax(s, dim=0)),
-    Mutant("norm_weight_dropped", "RMSNorm without its weight", "layers.0.attention_norm",
-           "rms_norm", lambda f, c: lambda x, w, eps: f(x, torch.ones_like(w), eps)),
-    Mutant("norm_over_tokens", "RMSNorm mean over tokens (dim 0) instead of features",
-           "layers.0.attention_norm", "rms_norm", lambda f, c: lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + eps) * w),
-    Mutant("residual_from_norm", "attention residual added to the normed input", "layers.0.attention_residual",
-           "transformer_layer", _layer_with(attention_residual_from_norm=True)),
-    Mutant("ffn_residual_dropped", "no residual around the feed-forward", "layers.0.output",
-           "transformer_layer", _layer_with(ffn_residual=False)),
-    Mutant("wo_transposed", "output projection applied as wo instead of wo.T", "layers.0.attention.output",
-           "layer_weights", _weights_with(lambda w: w.update({"attention.wo": w["attention.wo"].T}))),
-    Mutant("wo_skipped", "output projection not applied (heads concatenated only)", "layers.0.attention.output",
-           "layer_weights", _weights_with(lambda w: w.update({"attention.wo": torch.eye(w["attention.wo"].shape[0], dtype=w["attention.wo"].dtype)}))),
-    Mutant("silu_on_up", "SwiGLU: silu applied to up (w3) instead of gate (w1)", "layers.0.feed_forward.hidden",
-           "swiglu", lambda f, c: lambda gate, up: gate * torch.nn.functional.silu(up)),
-    Mutant("gelu", "GELU instead of SiLU in the gate", "layers.0.feed_forward.hidden",
-           "swiglu", lambda f, c: lambda gate, up: torch.nn.functional.gelu(gate) * up),
-    Mutant("w1_w3_swapped", "w1 and w3 swapped", "layers.0.feed_forward.gate", "layer_weights",
-           _weights_with(lambda w: _swap(w, "feed_forward.w1", "feed_forward.w3"))),
-    Mutant("previous_layer_weights", "layer l reads layer l-1's weights (off by one)", "layers.1.attention_norm",
-           "layer_weights", lambda f, c: lambda ckpt, layer, dt, dev: f(ckpt, max(layer - 1, 0), dt, dev)),
-    Mutant("final_norm_skipped", "final RMSNorm skipped before the output projection", "norm", "rms_norm", _skip_final_norm),
-]  # fmt: skip
+    Mutant(
+        "rope_theta",
+        "rope_theta 10000 (Llama 2's) instead of the checkpoint's 500000",
+        f"{HEAD0}.q_rotated",
+        "rope_freqs_cis",
+        lambda f, c: lambda cfg, n, dt, dev: f(dataclasses.replace(cfg, rope_theta=10000.0), n, dt, dev),
+    ),
+    Mutant(
+        "positions_from_1",
+        "RoPE positions start at 1",
+        f"{HEAD0}.q_rotated",
+        "rope_freqs_cis",
+        lambda f, c: lambda cfg, n, dt, dev: f(cfg, n + 1, dt, dev)[1:],
+    ),
+    Mutant(
+        "rotate_half",
+        "rotate_half pairing on Meta's interleaved layout",
+        f"{HEAD0}.q_rotated",
+        "rotate",
+        _rotate_halves,
+    ),
+    Mutant(
+        "gqa_modulo",
+        "GQA: query head h reads KV head h % n_kv instead of h // n_rep",
+        "layers.0.attention.heads.1.k",
+        "kv_head_of",
+        lambda f, c: lambda h, cfg: h % cfg.n_kv_heads,
+    ),
+    Mutant(
+        "scale_sqrt_dim",
+        "scores divided by sqrt(dim) instead of sqrt(head_dim)",
+        f"{HEAD0}.scores",
+        "score_scale",
+        lambda f, c: lambda cfg: cfg.dim**0.5,
+    ),
+    Mutant(
+        "mask_diagonal_0",
+        "causal mask triu(diagonal=0): a token cannot see itself",
+        f"{HEAD0}.probs",
+        "causal_mask",
+        lambda f, c: lambda n, dt, dev: torch.triu(torch.full((n, n), float("-inf"), dtype=dt, device=dev), 0),
+    ),
+    Mutant(
+        "no_mask",
+        "no causal mask",
+        f"{HEAD0}.probs",
+        "causal_mask",
+        lambda f, c: lambda n, dt, dev: torch.zeros(n, n, dtype=dt, device=dev),
+    ),
+    Mutant(
+        "softmax_dim0",
+        "softmax over queries (dim 0) instead of keys",
+        f"{HEAD0}.probs",
+        "softmax",
+        lambda f, c: lambda s: torch.nn.functional.softmax(s, dim=0),
+    ),
+    Mutant(
+        "norm_weight_dropped",
+        "RMSNorm without its weight",
+        "layers.0.attention_norm",
+        "rms_norm",
+        lambda f, c: lambda x, w, eps: f(x, torch.ones_like(w), eps),
+    ),
+    Mutant(
+        "norm_over_tokens",
+        "RMSNorm mean over tokens (dim 0) instead of features",
+        "layers.0.attention_norm",
+        "rms_norm",
+        lambda f, c: lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + eps) * w,
+    ),
+    Mutant(
+        "residual_from_norm",
+        "attention residual added to the normed input",
+        "layers.0.attention_residual",
+        "transformer_layer",
+        _layer_with(attention_residual_from_norm=True),
+    ),
+    Mutant(
+        "ffn_residual_dropped",
+        "no residual around the feed-forward",
+        "layers.0.output",
+        "transformer_layer",
+        _layer_with(ffn_residual=False),
+    ),
+    Mutant(
+        "wo_transposed",
+        "output projection applied as wo instead of wo.T",
+        "layers.0.attention.output",
+        "layer_weights",
+        _weights_with(lambda w: w.update({"attention.wo": w["attention.wo"].T})),
+    ),
+    Mutant(
+        "wo_skipped",
+        "output projection not applied (heads concatenated only)",
+        "layers.0.attention.output",
+        "layer_weights",
+        _weights_with(
+            lambda w: w.update({"attention.wo": torch.eye(w["attention.wo"].shape[0], dtype=w["attention.wo"].dtype)})
+        ),
+    ),
+    Mutant(
+        "silu_on_up",
+        "SwiGLU: silu applied to up (w3) instead of gate (w1)",
+        "layers.0.feed_forward.hidden",
+        "swiglu",
+        lambda f, c: lambda gate, up: gate * torch.nn.functional.silu(up),
+    ),
+    Mutant(
+        "gelu",
+        "GELU instead of SiLU in the gate",
+        "layers.0.feed_forward.hidden",
+        "swiglu",
+        lambda f, c: lambda gate, up: torch.nn.functional.gelu(gate) * up,
+    ),
+    Mutant(
+        "w1_w3_swapped",
+        "w1 and w3 swapped",
+        "layers.0.feed_forward.gate",
+        "layer_weights",
+        _weights_with(lambda w: _swap(w, "feed_forward.w1", "feed_forward.w3")),
+    ),
+    Mutant(
+        "previous_layer_weights",
+        "layer l reads layer l-1's weights (off by one)",
+        "layers.1.attention_norm",
+        "layer_weights",
+        lambda f, c: lambda ckpt, layer, dt, dev: f(ckpt, max(layer - 1, 0), dt, dev),
+    ),
+    Mutant(
+        "final_norm_skipped", "final RMSNorm skipped before the output projection", "norm", "rms_norm", _skip_final_norm
+    ),
+]
 
 # Correct runs: (label, variant, seed, params.json override): 5 seeds of tiny 3.0, a deeper multi-query model,
 # and a wider multi-head one with head_dim 64.
 CORRECT = [(f"3.0-seed{s}", "3.0", s, None) for s in range(5)] + [
-    ("mqa-4layers", "3.0", 0, dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=1, multiple_of=16, norm_eps=1e-5, rope_theta=500000.0)),
-    ("mha-hd64", "3.0", 0, dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, multiple_of=64, norm_eps=1e-5, rope_theta=500000.0)),
-]  # fmt: skip
+    (
+        "mqa-4layers",
+        "3.0",
+        0,
+        dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=1, multiple_of=16, norm_eps=1e-5, rope_theta=500000.0),
+    ),
+    (
+        "mha-hd64",
+        "3.0",
+        0,
+        dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, multiple_of=64, norm_eps=1e-5, rope_theta=500000.0),
+    ),
+]
 
 
 def XDIST_GROUP(item) -> str:
@@ -189,9 +295,17 @@ def _reference(ckpt, out: Path, dtype: str) -> Path:
 def _verdict(comparison) -> dict:
     first = comparison.result(comparison.first_divergence) if comparison.first_divergence else None
     worst = max(comparison.results, key=lambda r: r.ratio)
-    return dict(passed=comparison.passed, first=comparison.first_divergence, nonfinite=comparison.first_nonfinite,
-                first_ratio=first.ratio if first else None, first_floor_ratio=first.floor_ratio if first else None,
-                worst=worst.name, worst_ratio=worst.ratio, worst_floor_ratio=worst.floor_ratio, mode=comparison.mode)  # fmt: skip
+    return dict(
+        passed=comparison.passed,
+        first=comparison.first_divergence,
+        nonfinite=comparison.first_nonfinite,
+        first_ratio=first.ratio if first else None,
+        first_floor_ratio=first.floor_ratio if first else None,
+        worst=worst.name,
+        worst_ratio=worst.ratio,
+        worst_floor_ratio=worst.floor_ratio,
+        mode=comparison.mode,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -243,7 +357,8 @@ def test_mutant_fails_first_where_the_bug_sits(mutant_runs, mutant, dtype):
     assert v["mode"] == "oracle", f"expected a comparison calibrated on the reference's oracle, got {v['mode']}"
     assert not v["passed"], f"{mutant.bug} ({dtype}) passed: worst {v['worst']} at {v['worst_ratio']:.3g}x its bound"
     assert v["first"] == mutant.first, (
-        f"{mutant.bug} ({dtype}): first divergence {v['first']} ({v['first_ratio']:.3g}x its bound), expected {mutant.first}")
+        f"{mutant.bug} ({dtype}): first divergence {v['first']} ({v['first_ratio']:.3g}x its bound), expected {mutant.first}"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -251,7 +366,9 @@ def test_mutant_fails_first_where_the_bug_sits(mutant_runs, mutant, dtype):
 def test_correct_forward_passes(correct_runs, label, dtype):
     v = correct_runs[f"{label}-{dtype}"]
     assert v["mode"] == "oracle", f"expected a comparison calibrated on the reference's oracle, got {v['mode']}"
-    assert v["passed"], f"false alarm on {label} {dtype}: first divergence {v['first']} at {v['first_ratio']:.3g}x its bound"
+    assert v["passed"], (
+        f"false alarm on {label} {dtype}: first divergence {v['first']} at {v['first_ratio']:.3g}x its bound"
+    )
 
 
 def test_margin_between_bugs_and_correct_runs(mutant_runs, correct_runs):
@@ -260,14 +377,21 @@ def test_margin_between_bugs_and_correct_runs(mutant_runs, correct_runs):
     weakest = min(caught, key=lambda k: caught[k]["first_floor_ratio"])
     worst = max(correct_runs, key=lambda k: correct_runs[k]["worst_floor_ratio"])
     low, high = caught[weakest]["first_floor_ratio"], correct_runs[worst]["worst_floor_ratio"]
-    print(f"\nweakest bug: {weakest} at {low:.3g}x the floor ({caught[weakest]['first_ratio']:.3g}x its bound) "
-          f"at {caught[weakest]['first']}")
-    print(f"worst correct run: {worst} at {high:.3g}x the floor ({correct_runs[worst]['worst_ratio']:.3g}x its bound) "
-          f"at {correct_runs[worst]['worst']}")
-    print(f"FLOOR_FACTOR {FLOOR_FACTOR:g}: {FLOOR_FACTOR / high:.2f}x above the worst correct run, {low / FLOOR_FACTOR:.2f}x below the weakest bug")
+    print(
+        f"\nweakest bug: {weakest} at {low:.3g}x the floor ({caught[weakest]['first_ratio']:.3g}x its bound) "
+        f"at {caught[weakest]['first']}"
+    )
+    print(
+        f"worst correct run: {worst} at {high:.3g}x the floor ({correct_runs[worst]['worst_ratio']:.3g}x its bound) "
+        f"at {correct_runs[worst]['worst']}"
+    )
+    print(
+        f"FLOOR_FACTOR {FLOOR_FACTOR:g}: {FLOOR_FACTOR / high:.2f}x above the worst correct run, {low / FLOOR_FACTOR:.2f}x below the weakest bug"
+    )
     for dtype in DTYPES:
         lows = [v["first_floor_ratio"] for k, v in caught.items() if k.endswith(dtype)]
         highs = [v["worst_floor_ratio"] for k, v in correct_runs.items() if k.endswith(dtype)]
         print(f"  {dtype}: correct runs up to {max(highs):.3g}x the floor, bugs from {min(lows):.3g}x")
     assert high * 1.5 <= FLOOR_FACTOR <= low / 1.5, (
-        f"FLOOR_FACTOR {FLOOR_FACTOR} must leave 1.5x on both sides: worst correct {high:.3g} ({worst}), weakest bug {low:.3g} ({weakest})")
+        f"FLOOR_FACTOR {FLOOR_FACTOR} must leave 1.5x on both sides: worst correct {high:.3g} ({worst}), weakest bug {low:.3g} ({weakest})"
+    )

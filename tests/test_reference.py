@@ -25,9 +25,12 @@ def assert_agrees(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     """`got` within float32 rounding of `want`; returns their relative L2 error."""
     got, want = got.double(), want.double()
     err = rel_l2(got, want)
-    torch.testing.assert_close(got, want, rtol=0, atol=OF_MAX * float(want.abs().max()),
-                               msg=lambda m: f"{name}: relative L2 {err:.2e}; {m}")  # fmt: skip
-    assert err <= REL_L2, f"{name}: relative L2 error {err:.2e} > {REL_L2:.0e} between the float32 reference and scratch"
+    torch.testing.assert_close(
+        got, want, rtol=0, atol=OF_MAX * float(want.abs().max()), msg=lambda m: f"{name}: relative L2 {err:.2e}; {m}"
+    )
+    assert err <= REL_L2, (
+        f"{name}: relative L2 error {err:.2e} > {REL_L2:.0e} between the float32 reference and scratch"
+    )
     return err
 
 
@@ -61,7 +64,9 @@ def test_reference_matches_scratch_within_float32_rounding(float32_traces, varia
 def test_built_from_meta_is_the_model_from_pretrained_gives(tiny_checkpoint, tmp_path, variant):
     """The meta-device build (assigned tensors, recomputed rotary buffers, tied head) is bit-identical to from_pretrained."""
     for fmt in ("meta", "hf"):
-        trace_reference(open_checkpoint(tiny_checkpoint(variant, fmt)), tmp_path / f"{fmt}.h5", dtype="bfloat16", oracle=False)
+        trace_reference(
+            open_checkpoint(tiny_checkpoint(variant, fmt)), tmp_path / f"{fmt}.h5", dtype="bfloat16", oracle=False
+        )
     a, b = load_trace(tmp_path / "meta.h5"), load_trace(tmp_path / "hf.h5")
     assert a.names == b.names
     for name in a.names:
@@ -104,7 +109,9 @@ def test_the_oracle_is_float64_exact(tiny_checkpoint, tmp_path, monkeypatch, var
     trace_scratch(ckpt, tmp_path / "s.h5", dtype="float64")
     ref, mine = load_trace(tmp_path / "r.h5"), load_trace(tmp_path / "s.h5")
     for name in mine.names[1:]:
-        torch.testing.assert_close(ref["_oracle." + name], mine[name], rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            ref["_oracle." + name], mine[name], rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_name_globs_filter_the_oracle_too(tiny_checkpoint, tmp_path):
@@ -146,7 +153,11 @@ def test_a_wrong_gqa_mapping_in_the_reference_is_caught(tiny_checkpoint, tmp_pat
     def modulo(x, config):  # [KV, T, hd] -> [H, T, hd], the wrong way round
         return x[[h % config.n_kv_heads for h in range(config.n_heads)]]
 
-    taps = {name: dataclasses.replace(tap, transforms=tuple(modulo if t is adapter.kv_to_query_heads else t for t in tap.transforms))
-            for name, tap in reference.HF_TAPS.items()}  # fmt: skip
+    taps = {
+        name: dataclasses.replace(
+            tap, transforms=tuple(modulo if t is adapter.kv_to_query_heads else t for t in tap.transforms)
+        )
+        for name, tap in reference.HF_TAPS.items()
+    }
     monkeypatch.setattr(reference, "HUGGING_FACE", dataclasses.replace(reference.HUGGING_FACE, taps=taps))
     assert _first_divergence(tmp_path, ckpt, ckpt) == "layers.0.attention.heads.1.k"

@@ -6,16 +6,13 @@ these bugs hide under rounding; with the tiny checkpoints' scales each one moves
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from test_mutations import CATALOGUE
 
 from harness import scratch
 from harness.checkpoint import open_checkpoint
 from harness.runner import DEFAULT_PROMPT, prompt_tokens
-from test_mutations import CATALOGUE
-
 
 # Bugs the next token cannot show on a 17-token prompt; compare catches each at its own name (tests/test_mutations.py).
 INVISIBLE = {

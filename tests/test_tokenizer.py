@@ -1,13 +1,12 @@
 """The Llama-3 tokenizer against tiktoken used directly with Meta's pattern and special tokens."""
 
+import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-import pytest
-
 from harness.errors import HarnessError
-from harness.tokenizer import PAT_STR, SPECIAL_TOKENS, encode_prompt, load_tokenizer, read_tokenizer_model
 from harness.runner import DEFAULT_PROMPT
+from harness.tokenizer import PAT_STR, SPECIAL_TOKENS, encode_prompt, load_tokenizer, read_tokenizer_model
 
 TEXTS = [DEFAULT_PROMPT, "Hello, world! It's 2026.", "café naïve — 東京 🎉", "12345678 spaces   and\n\nnewlines", ""]
 
@@ -28,8 +27,12 @@ def test_special_tokens_follow_the_bpe_ranks(tiny_checkpoint):
 def test_prompt_is_bos_plus_tiktoken_encoding(tiny_checkpoint):
     path = tiny_checkpoint("3.0") / "tokenizer.model"
     ranks = load_tiktoken_bpe(str(path))
-    direct = tiktoken.Encoding("direct", pat_str=PAT_STR, mergeable_ranks=ranks,
-                               special_tokens={t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)})  # fmt: skip
+    direct = tiktoken.Encoding(
+        "direct",
+        pat_str=PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)},
+    )
     ours = load_tokenizer(path)
     for text in TEXTS:
         assert encode_prompt(ours, text) == [len(ranks)] + direct.encode(text), text

@@ -46,8 +46,11 @@ def test_the_4x_keyword_would_drop_the_special_tokens(tiny_checkpoint, tokenizer
     from harness.tokenizer import PAT_STR, SPECIAL_TOKENS
 
     ours, _ = tokenizers
-    wrong = TikTokenConverter(vocab_file=str(tiny_checkpoint("3.0") / "tokenizer.model"), pattern=PAT_STR,
-                              additional_special_tokens=SPECIAL_TOKENS).converted()  # fmt: skip
+    wrong = TikTokenConverter(
+        vocab_file=str(tiny_checkpoint("3.0") / "tokenizer.model"),
+        pattern=PAT_STR,
+        additional_special_tokens=SPECIAL_TOKENS,
+    ).converted()
     assert wrong.encode("<|eot_id|>").ids != [ours.encode_single_token("<|eot_id|>")]
 
 

@@ -86,7 +86,10 @@ def test_large_tensors_are_stored_compressed_and_exact(tmp_path):
         harness.record("layers.0.attention.heads.0.probs", big)
         harness.record("layers.0.attention.heads.0.q", small)
     with h5py.File(tmp_path / "t.h5") as f:
-        assert f["/layers/0/attention/heads/0/probs"].compression == "gzip" and big.float().numpy().nbytes >= COMPRESS_MIN_BYTES
+        assert (
+            f["/layers/0/attention/heads/0/probs"].compression == "gzip"
+            and big.float().numpy().nbytes >= COMPRESS_MIN_BYTES
+        )
         assert f["/layers/0/attention/heads/0/q"].compression is None
     trace = harness.load_trace(tmp_path / "t.h5")
     assert torch.equal(trace["layers.0.attention.heads.0.probs"], big.float())
@@ -121,8 +124,16 @@ def test_long_square_tensors_keep_sampled_rows(tmp_path):
 
 def test_attributes_keep_their_types_whatever_a_string_looks_like(tmp_path):
     path = tmp_path / "t.h5"
-    meta = dict(prompt="[1, 2]", note='{"a": 1}', tokens=[1, 2, 3], config={"dim": 8}, weights=torch.tensor([0.5, 1.5]),
-                n_layers=3, rope_theta=5e5, isolated=False)  # fmt: skip
+    meta = dict(
+        prompt="[1, 2]",
+        note='{"a": 1}',
+        tokens=[1, 2, 3],
+        config={"dim": 8},
+        weights=torch.tensor([0.5, 1.5]),
+        n_layers=3,
+        rope_theta=5e5,
+        isolated=False,
+    )
     with harness.tracing(path, **meta):
         harness.record("norm", torch.ones(1))
     attrs = harness.load_trace(path).attrs

@@ -14,10 +14,18 @@ import torch
 
 from harness import record, scratch, tracing
 from harness.checkpoint import open_checkpoint
-from harness.compare import (ORACLE_PREFIX, Floor, compare_tensors, compare_traces, effective_floor,
-                             independent_samples, pooled, propagated_floor, small_sample_factor)  # fmt: skip
-from harness.runner import trace_reference
-from harness.runner import trace_scratch
+from harness.compare import (
+    ORACLE_PREFIX,
+    Floor,
+    compare_tensors,
+    compare_traces,
+    effective_floor,
+    independent_samples,
+    pooled,
+    propagated_floor,
+    small_sample_factor,
+)
+from harness.runner import trace_reference, trace_scratch
 from harness.tracing import load_trace
 
 SHORT = {1: "", 2: "a", 3: "the answer"}  # prompt -> tokens with the tiny tokenizer (BOS included)
@@ -75,13 +83,26 @@ def test_short_prompts_pass_with_room(runs, variant, dtype, n_tokens):
     worst = max(c.results, key=lambda r: r.ratio)
     assert len(c.tokens) == n_tokens, c.tokens
     assert c.passed, f"false alarm: first divergence {c.first_divergence}"
-    assert worst.ratio <= 0.5, f"{worst.name} at {worst.ratio:.3g}x its bound (floor {worst.floor:.3g}, pooled {worst.pooled_floor})"
+    assert worst.ratio <= 0.5, (
+        f"{worst.name} at {worst.ratio:.3g}x its bound (floor {worst.floor:.3g}, pooled {worst.pooled_floor})"
+    )
 
 
-@pytest.mark.parametrize("mutant_id, n_tokens", [("scale_sqrt_dim", 2), ("softmax_dim0", 3), ("gqa_modulo", 2),
-                                                 ("silu_on_up", 3), ("positions_from_1", 2), ("norm_weight_dropped", 3)])
+@pytest.mark.parametrize(
+    "mutant_id, n_tokens",
+    [
+        ("scale_sqrt_dim", 2),
+        ("softmax_dim0", 3),
+        ("gqa_modulo", 2),
+        ("silu_on_up", 3),
+        ("positions_from_1", 2),
+        ("norm_weight_dropped", 3),
+    ],
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bugs_are_still_caught_at_their_own_name_on_short_prompts(tiny_checkpoint, tmp_path, runs, mutant_id, n_tokens, dtype):
+def test_bugs_are_still_caught_at_their_own_name_on_short_prompts(
+    tiny_checkpoint, tmp_path, runs, mutant_id, n_tokens, dtype
+):
     from test_mutations import CATALOGUE
 
     mutant = next(m for m in CATALOGUE if m.id == mutant_id)
@@ -122,21 +143,34 @@ def test_a_wrong_mask_passes_scores_and_fails_at_probs(tiny_checkpoint, runs, tm
         trace_scratch(ckpt, tmp_path / "leaky.h5", prompt=SHORT[3], dtype="float32")
 
     def leaky_mask(name, t):
-        return t.masked_fill(torch.ones_like(t, dtype=torch.bool).triu(2), float("-inf")) if name.endswith(".scores") else t
+        return (
+            t.masked_fill(torch.ones_like(t, dtype=torch.bool).triu(2), float("-inf"))
+            if name.endswith(".scores")
+            else t
+        )
 
     c = compare_traces(ref, rewrite(tmp_path / "leaky.h5", tmp_path / "leaky-masked.h5", leaky_mask))
     assert c.first_divergence == "layers.0.attention.heads.0.probs", c.first_divergence
-    assert c.result("layers.0.attention.heads.0.scores").passed and c.result("layers.0.attention.heads.0.probs").ratio > 100
+    assert (
+        c.result("layers.0.attention.heads.0.scores").passed
+        and c.result("layers.0.attention.heads.0.probs").ratio > 100
+    )
 
 
 def test_masked_scores_unit():
     """compare_tensors on one scores tensor: -inf above the diagonal on B only, the causal part equal."""
     oracle = torch.randn(4, 4, dtype=torch.float64)
     a = oracle + 1e-3 * torch.randn(4, 4, dtype=torch.float64)
-    b = (oracle + 1e-3 * torch.randn(4, 4, dtype=torch.float64)).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
-    r = compare_tensors("layers.0.attention.heads.0.scores", a, b, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16")
+    b = (oracle + 1e-3 * torch.randn(4, 4, dtype=torch.float64)).masked_fill(
+        torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf")
+    )
+    r = compare_tensors(
+        "layers.0.attention.heads.0.scores", a, b, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16"
+    )
     assert r.nonfinite is None and r.passed and r.max_abs < 1e-2, r
-    other = compare_tensors("layers.0.attention.heads.0.probs", a, b, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16")
+    other = compare_tensors(
+        "layers.0.attention.heads.0.probs", a, b, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16"
+    )
     assert other.nonfinite is not None and not other.passed, "only scores are judged on their causal part"
 
 
@@ -173,7 +207,9 @@ def test_small_sample_factor_follows_the_chi_tail():
 
 def test_propagated_floor_of_probs_matches_a_monte_carlo_of_score_errors():
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(5, 5, generator=g, dtype=torch.float64).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), -torch.inf)
+    scores = torch.randn(5, 5, generator=g, dtype=torch.float64).masked_fill(
+        torch.ones(5, 5, dtype=torch.bool).triu(1), -torch.inf
+    )
     v = torch.randn(5, 8, generator=g, dtype=torch.float64)
     probs = scores.softmax(-1)
     noise = 1e-4 * torch.randn(20000, 5, 5, generator=g, dtype=torch.float64)
@@ -182,7 +218,9 @@ def test_propagated_floor_of_probs_matches_a_monte_carlo_of_score_errors():
     assert propagated_floor("probs", probs, v, 1e-4, 0.0) == pytest.approx(float(dp.pow(2).mean().sqrt()), rel=0.03)
     assert propagated_floor("output", probs, v, 1e-4, 0.0) == pytest.approx(float(do.pow(2).mean().sqrt()), rel=0.03)
     dv = 1e-3 * torch.randn(20000, 5, 8, generator=g, dtype=torch.float64)
-    assert propagated_floor("output", probs, v, 0.0, 1e-3) == pytest.approx(float((probs @ dv).pow(2).mean().sqrt()), rel=0.03)
+    assert propagated_floor("output", probs, v, 0.0, 1e-3) == pytest.approx(
+        float((probs @ dv).pow(2).mean().sqrt()), rel=0.03
+    )
 
 
 def test_compare_tensors_alone_is_a_group_of_one():
@@ -203,7 +241,9 @@ def test_a_head_output_counts_its_causal_probs_as_samples():
     g = torch.Generator().manual_seed(3)
     oracle = torch.randn(3, 16, generator=g, dtype=torch.float64)
     a = oracle + 0.01 * torch.randn(3, 16, generator=g, dtype=torch.float64)
-    head = compare_tensors("layers.0.attention.heads.0.output", a, a, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16")
+    head = compare_tensors(
+        "layers.0.attention.heads.0.output", a, a, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16"
+    )
     layer = compare_tensors("layers.0.output", a, a, oracle=oracle, dtype_a="bfloat16", dtype_b="bfloat16")
     tail = small_sample_factor(6, 6) / small_sample_factor(48, 48)
     assert head.bound == pytest.approx(layer.bound * tail, rel=1e-9), (head.bound, layer.bound)

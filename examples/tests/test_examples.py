@@ -18,8 +18,10 @@ WRONG = {"llama_models": "LLAMA_MODELS_HALF_SPLIT", "llms_from_scratch": "LLMS_F
 
 def _verdict(result) -> str:
     worst = max(result.comparison.results, key=lambda r: r.ratio)
-    return (f"{result.implementation}: first divergence {result.comparison.first_divergence}, "
-            f"largest ratio {worst.ratio:.3g} at {worst.name} (report: {result.out / 'report.html'})")  # fmt: skip
+    return (
+        f"{result.implementation}: first divergence {result.comparison.first_divergence}, "
+        f"largest ratio {worst.ratio:.3g} at {worst.name} (report: {result.out / 'report.html'})"
+    )
 
 
 @pytest.mark.parametrize("isolated", [False, True], ids=["end_to_end", "isolated"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.verify import verify
-from tests.test_generation import STEPS, first_failure, assert_passes, references  # noqa: F401 (fixture)
+from tests.test_generation import STEPS, assert_passes, first_failure, references  # noqa: F401,F811 (fixture)
 
 EXAMPLES = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent

@@ -24,9 +24,15 @@ EXAMPLES = Path(__file__).resolve().parent.parent
 meta = resolve(f"{EXAMPLES / 'llama_models_adapter.py'}:ADAPTER").forward
 book = resolve(f"{EXAMPLES / 'llms_from_scratch_adapter.py'}:ADAPTER").forward
 
-LLAMA_MODELS_HALF_SPLIT = replace(meta, taps={
-    name: replace(tap, transforms=(*tap.transforms, interleave_halves)) if name.endswith(("q", "k", "_rotated")) else tap
-    for name, tap in meta.taps.items()})  # fmt: skip
+LLAMA_MODELS_HALF_SPLIT = replace(
+    meta,
+    taps={
+        name: replace(tap, transforms=(*tap.transforms, interleave_halves))
+        if name.endswith(("q", "k", "_rotated"))
+        else tap
+        for name, tap in meta.taps.items()
+    },
+)
 
 
 def _build_unpermuted(checkpoint, dtype, device):
