@@ -20,9 +20,9 @@ import torch
 
 from . import names as canon
 from .errors import HarnessError
-from .tracing import Trace, atomic_path, load_trace
-
-ORACLE_PREFIX = "_oracle."
+from .files import atomic_path
+from .names import ORACLE_PREFIX
+from .tracing import Trace, load_trace
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The tolerance table: every constant of the rule, each with the measurement that chose it.

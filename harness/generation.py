@@ -19,8 +19,9 @@ import torch
 from . import names as canon
 from .errors import HarnessError
 from .implementation import Implementation, decoder
+from .names import ORACLE_PREFIX, RESERVED_PREFIX
 from .run import Run, expected_shape, step_span, trace_metadata
-from .tracing import RESERVED_PREFIX, Trace, record, record_calls, recorded, tracing
+from .tracing import Trace, record, record_calls, recorded, tracing
 
 _tracing = importlib.import_module(".tracing", __package__)  # the module (the package's `tracing` is its function)
 GENERATED = RESERVED_PREFIX + "generated"  # each step's greedy token: a harness extra, never compared
@@ -168,7 +169,7 @@ def cache_vs_no_cache(
     rounding as the floor (two correct runs of one implementation differ by their rounding, which at a one-row head
     output in float32 exceeded the fixed bound: 1.23e-5 against 1.02e-5); without an oracle, under compare's direct
     bound for the run's dtype. Returns compare's NameResults, named by the step's names, in forward order."""
-    from .compare import ORACLE_PREFIX, compare_traces
+    from .compare import compare_traces
 
     with tempfile.TemporaryDirectory(prefix="harness-cache-check-") as tmp:
         cut = Path(tmp) / "nocache-steps.h5"
@@ -229,7 +230,7 @@ def unexplained_disagreements(reference_path: str | Path, impl_path: str | Path)
             if a == b:
                 continue
             name = canon.step_name(step, "logits")
-            oracle = ref[f"_oracle.{name}"][-1].double()  # [V]
+            oracle = ref[ORACLE_PREFIX + name][-1].double()  # [V]
             err = float((ref[name][-1].double() - oracle).abs().max() + (impl[name][-1].double() - oracle).abs().max())
             gap = float(oracle[a] - oracle[b]).__abs__()
             if gap > err:

@@ -22,7 +22,8 @@ from filelock import FileLock
 from .checkpoint import open_checkpoint
 from .compare import Comparison, compare_traces
 from .errors import HarnessError
-from .tracing import FORMAT_VERSION, READABLE_VERSIONS, atomic_path, library_versions
+from .files import atomic_path
+from .tracing import FORMAT_VERSION, READABLE_VERSIONS, library_versions
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 

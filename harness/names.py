@@ -57,6 +57,11 @@ _AXES = {
     "head_output": ("T", "head_dim"),
 }
 
+# Names whose first part starts with RESERVED_PREFIX are the harness's own extras, not trace names: the float64
+# oracle's values of NAME are stored as ORACLE_PREFIX + NAME ("_oracle.layers.0.output").
+RESERVED_PREFIX = "_"
+ORACLE_PREFIX = RESERVED_PREFIX + "oracle."
+
 _STEP_RE = re.compile(r"^steps\.(\d+)\.(.+)$")
 _HEAD_RE = re.compile(r"^layers\.(\d+)\.attention\.heads\.(\d+)\.(\w+)$")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")

@@ -320,7 +320,7 @@ def verified(request, shared_dir):
             summary_path = out / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
             if summary.get("session") != session:
-                from harness.tracing import atomic_path
+                from harness.files import atomic_path
                 from harness.verify import verify
 
                 checkpoint = case.checkpoint or tiny_dir(shared_dir / "tiny", *case.tiny)

@@ -25,10 +25,10 @@ from . import hf_layout
 from .adapter import Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .names import ORACLE_PREFIX
 from .tracing import Rows, kept_rows, record
 
 ATTENTION = "harness_traced"  # HF's eager attention, with a tap point for its scores
-ORACLE_PREFIX = "_oracle."
 
 
 # The float64 oracle's attention runs a block of query rows at a time, at most this many scores per block (256 MiB in

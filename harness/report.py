@@ -14,7 +14,8 @@ from pathlib import Path
 from . import names as canon
 from .compare import FLOOR_FACTOR, Comparison, NameResult
 from .errors import HarnessError
-from .tracing import atomic_path, load_trace
+from .files import atomic_path
+from .tracing import load_trace
 
 
 def _fmt(x: float | None) -> str:

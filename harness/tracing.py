@@ -21,13 +21,13 @@ import torch
 
 from . import names as canon
 from .errors import HarnessError
+from .files import atomic_path
+from .names import RESERVED_PREFIX
 
 FORMAT_VERSION = (
     2  # 2: long [T, T] tensors and logits may keep sampled rows (attribute `rows`); version 1 reads as before
 )
 READABLE_VERSIONS = (1, 2)
-# Names whose first part starts with this are the harness's own extras (e.g. the float64 oracle), not trace names.
-RESERVED_PREFIX = "_"
 
 _active: _Recorder | None = None
 ShapeCheck = Callable[[str, tuple[int, ...]], "str | None"]
@@ -256,29 +256,6 @@ def _checkpoint_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
         rope_scaling_factor=config.rope_scaling_factor or 0.0,
     )
     return {**stamped, **{k: v for k, v in metadata.items() if k != "checkpoint"}}
-
-
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    if path.parent.exists() and not path.parent.is_dir():
-        raise HarnessError(f"{path}: {path.parent} is a file, not a folder; choose an output path in a folder")
-    if not path.parent.is_dir():
-        raise HarnessError(f"{path}: output folder {path.parent} does not exist; create it first")
-    if path.is_dir():
-        raise HarnessError(f"{path}: is a folder, expected a file name")
-    tmp = _temporary_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @contextmanager

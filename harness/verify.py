@@ -18,10 +18,11 @@ from typing import Any
 
 from .compare import Comparison, compare_traces, write_json
 from .errors import HarnessError
+from .files import atomic_path
 from .implementation import Forward, builtin, resolve
 from .report import write_report
 from .runner import DEFAULT_PROMPT, check_device, make_run, parse_dtype, trace
-from .tracing import atomic_path, load_trace
+from .tracing import load_trace
 
 
 @dataclass

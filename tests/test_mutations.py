@@ -20,9 +20,10 @@ import torch
 from harness import scratch
 from harness.checkpoint import open_checkpoint
 from harness.compare import FLOOR_FACTOR, compare_traces
+from harness.files import atomic_path
 from harness.runner import trace_scratch
 from harness.tiny import make_tiny_meta
-from harness.tracing import atomic_path, record
+from harness.tracing import record
 
 DTYPES = ("float32", "bfloat16")
 PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
