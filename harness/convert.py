@@ -60,11 +60,9 @@ def write_hf(ckpt: Checkpoint, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from .reference import hf_config
-
     config = ckpt.config
     enc = load_tokenizer(ckpt.tokenizer_path)
-    cfg = hf_config(config)
+    cfg = hf_layout.hf_config(config)
     cfg.bos_token_id, cfg.eos_token_id = enc.encode_single_token(BOS), enc.encode_single_token("<|end_of_text|>")
     cfg.dtype = _dtype_name(ckpt.tensor("tok_embeddings.weight").dtype)
     cfg.architectures = ["LlamaForCausalLM"]

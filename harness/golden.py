@@ -10,19 +10,17 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from .checkpoint import open_checkpoint
 from .compare import Comparison, compare_traces
 from .errors import HarnessError
 from .files import atomic_path
+from .tiny import make_tiny_once
 from .tracing import FORMAT_VERSION, READABLE_VERSIONS, library_versions
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
@@ -80,27 +78,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def tiny_dir(root: Path, variant: str, seed: int) -> Path:
-    """The tiny checkpoint of (variant, seed) under `root`, made once (under a file lock) and reused."""
-    from .tiny import make_tiny_meta
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / f"tiny-{variant}-seed{seed}"
-    with FileLock(str(root / f".tiny-{variant}-seed{seed}.lock")):
-        if not out.exists():
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}."))
-            make_tiny_meta(tmp / "ckpt", seed=seed, variant=variant)
-            os.replace(tmp / "ckpt", out)
-            tmp.rmdir()
-    return out
-
-
 def trace_entry(entry: Entry, prompt: str, out: Path, tiny_root: Path) -> Path:
     from .runner import trace_scratch
 
     trace_scratch(
-        open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed)), out, prompt=prompt, dtype=entry.dtype
+        open_checkpoint(make_tiny_once(tiny_root, entry.variant, entry.seed)), out, prompt=prompt, dtype=entry.dtype
     )
     return out
 
@@ -113,7 +95,7 @@ def update(golden_dir: Path = GOLDEN_DIR) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         for entry in entries:
             path = trace_entry(entry, prompt, Path(tmp) / entry.file, Path(tmp) / "tiny")
-            ckpt = open_checkpoint(tiny_dir(Path(tmp) / "tiny", entry.variant, entry.seed))
+            ckpt = open_checkpoint(make_tiny_once(Path(tmp) / "tiny", entry.variant, entry.seed))
             files[entry.file] = dict(
                 sha256=sha256(path),
                 variant=entry.variant,
@@ -159,7 +141,7 @@ def check_entry(
             f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, this harness reads {READABLE_VERSIONS}; run `python -m harness golden --update`"
         )
     tiny_root = Path(tiny_root or work_dir / "tiny")
-    ckpt = open_checkpoint(tiny_dir(tiny_root, entry.variant, entry.seed))
+    ckpt = open_checkpoint(make_tiny_once(tiny_root, entry.variant, entry.seed))
     if ckpt.fingerprint() != recorded["checkpoint"]:
         raise HarnessError(
             f"{golden}: the tiny {entry.variant} checkpoint generator changed (fingerprint differs); run `python -m harness golden --update` if intended"

@@ -6,8 +6,14 @@ Meta rotates interleaved pairs (x0, x1), (x2, x3), ...; HF rotates halves (x0, x
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 # HF name -> Meta name, with {} for the layer index (as gpt-fast's convert_hf_checkpoint.py).
 HF_TO_META = {
@@ -68,3 +74,35 @@ def heads_of(meta_name: str) -> str | None:
     if meta_name.endswith("attention.wk.weight"):
         return "n_kv_heads"
     return None
+
+
+def hf_config(config: ModelConfig) -> LlamaConfig:
+    """The transformers LlamaConfig of a harness config (Meta's FFN width, llama3 rope scaling, tied embeddings)."""
+    from transformers import LlamaConfig
+
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if s := config.rope_scaling:
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": config.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.norm_eps,
+        max_position_embeddings=config.max_seq_len,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_word_embeddings,
+        # Llama-3's 256 special tokens close the vocabulary: <|begin_of_text|> is the first, <|end_of_text|> the next
+        bos_token_id=config.vocab_size - 256 if config.vocab_size > 256 else None,
+        eos_token_id=config.vocab_size - 255 if config.vocab_size > 256 else None,
+    )

@@ -303,7 +303,7 @@ def verified(request, shared_dir):
     """`verified(case)`: trace reference + scratch, compare, once per session for all workers (under a file lock)."""
     from filelock import FileLock
 
-    from harness.golden import tiny_dir
+    from harness.tiny import make_tiny_once
 
     config = request.config
     keep = option(config, "trace_dir")
@@ -323,7 +323,7 @@ def verified(request, shared_dir):
                 from harness.files import atomic_path
                 from harness.verify import verify
 
-                checkpoint = case.checkpoint or tiny_dir(shared_dir / "tiny", *case.tiny)
+                checkpoint = case.checkpoint or make_tiny_once(shared_dir / "tiny", *case.tiny)
                 result = verify(
                     checkpoint,
                     out=out,

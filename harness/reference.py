@@ -8,8 +8,6 @@ split, q/k back to Meta's interleaved pairs, each query head given its KV head.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask, eager_mask
@@ -24,7 +22,6 @@ from transformers.models.llama.modeling_llama import (
 from . import hf_layout
 from .adapter import Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from .checkpoint import Checkpoint
-from .config import ModelConfig
 from .names import ORACLE_PREFIX
 from .tracing import Rows, kept_rows, record
 
@@ -86,36 +83,6 @@ AttentionInterface.register(ATTENTION, _attention)
 AttentionMaskInterface.register(ATTENTION, eager_mask)  # the mask eager attention gets: finfo.min above the diagonal
 
 
-def hf_config(config: ModelConfig) -> LlamaConfig:
-    """The transformers LlamaConfig of a harness config (Meta's FFN width, llama3 rope scaling, tied embeddings)."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if s := config.rope_scaling:
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": config.rope_theta,
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim,
-        rms_norm_eps=config.norm_eps,
-        max_position_embeddings=config.max_seq_len,
-        rope_parameters=rope,
-        tie_word_embeddings=config.tie_word_embeddings,
-        # Llama-3's 256 special tokens close the vocabulary: <|begin_of_text|> is the first, <|end_of_text|> the next
-        bos_token_id=config.vocab_size - 256 if config.vocab_size > 256 else None,
-        eos_token_id=config.vocab_size - 255 if config.vocab_size > 256 else None,
-    )
-
-
 def hf_tensor(ckpt: Checkpoint, meta_name: str, dtype: torch.dtype) -> torch.Tensor:
     """One tensor in HF's layout: q/k rows permuted for rotate_half (new memory); the others as loaded (no copy)."""
     t = ckpt.tensor(meta_name)
@@ -132,7 +99,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu") -> Ll
             ckpt.path, dtype=dtype, attn_implementation=ATTENTION, local_files_only=True
         )
         return model.to(device).eval()
-    cfg = hf_config(ckpt.config)
+    cfg = hf_layout.hf_config(ckpt.config)
     cfg._attn_implementation = ATTENTION
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -262,7 +229,7 @@ def run_oracle(
     reference is this run itself) every row, returned [T, V].
     Generation: with `cache` (a dict kept across steps) `tokens` sit at start_pos .. and use a float64 DynamicCache."""
     f64, config = torch.float64, ckpt.config
-    cfg = hf_config(config)
+    cfg = hf_layout.hf_config(config)
     cfg._attn_implementation = ATTENTION
     ids = tokens.to(dtype=torch.long, device="cpu")
     x = ckpt.tensor("tok_embeddings.weight")[ids].to(device=device, dtype=f64)[None]  # [1, T, D]

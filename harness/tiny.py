@@ -6,10 +6,13 @@ Weights are scaled to be *sensitive*: peaked attention, norm weights far from 1,
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import zlib
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from .checkpoint import expected_shape, meta_names
 from .config import config_from_params_json
@@ -201,3 +204,17 @@ def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "met
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         make_tiny_meta(Path(tmp) / "meta", seed=seed, variant=variant, params=params)
         convert(Path(tmp) / "meta", out, to="hf")
+
+
+def make_tiny_once(root: Path, variant: str, seed: int) -> Path:
+    """The tiny checkpoint of (variant, seed) under `root`, made once (under a file lock) and reused."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"tiny-{variant}-seed{seed}"
+    with FileLock(str(root / f".tiny-{variant}-seed{seed}.lock")):
+        if not out.exists():
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}."))
+            make_tiny_meta(tmp / "ckpt", seed=seed, variant=variant)
+            os.replace(tmp / "ckpt", out)
+            tmp.rmdir()
+    return out

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import harness
-from harness import reference, scratch
+from harness import hf_layout, reference, scratch
 from harness.checkpoint import open_checkpoint
 from harness.errors import HarnessError
 from harness.tracing import FULL_SQUARE_MAX_T, SAMPLED_ROWS, Rows, kept_rows, sampled_rows
@@ -48,7 +48,7 @@ def float64_frequencies(monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     def frequencies(config):
-        return LlamaRotaryEmbedding(config=reference.hf_config(config)).inv_freq.double()
+        return LlamaRotaryEmbedding(config=hf_layout.hf_config(config)).inv_freq.double()
 
     monkeypatch.setattr(scratch, "rope_frequencies", frequencies)
 

@@ -103,7 +103,7 @@ def test_the_oracle_is_float64_exact(tiny_checkpoint, tmp_path, monkeypatch, var
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     ckpt = open_checkpoint(tiny_checkpoint(variant))
-    inv_freq = LlamaRotaryEmbedding(config=reference.hf_config(ckpt.config)).inv_freq.double()
+    inv_freq = LlamaRotaryEmbedding(config=hf_layout.hf_config(ckpt.config)).inv_freq.double()
     monkeypatch.setattr(scratch, "rope_frequencies", lambda config: inv_freq)
     trace_reference(ckpt, tmp_path / "r.h5", dtype="float32")
     trace_scratch(ckpt, tmp_path / "s.h5", dtype="float64")
