@@ -21,7 +21,7 @@ from . import hf_layout
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import META_ROPE_SCALING, ModelConfig, config_from_params_json, ffn_dim_from_meta
 from .errors import HarnessError
-from .tokenizer import BOS, PAT_STR, SPECIAL_TOKENS, load_tokenizer, write_tokenizer_model
+from .tokenizer import BOS, PAT_STR, SPECIAL_TOKENS, load_tokenizer, read_ranks, write_tokenizer_model
 
 
 @contextmanager
@@ -92,9 +92,9 @@ def write_hf_tokenizer(tokenizer_model: Path, out: Path) -> None:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     if tokenizer_model.suffix == ".json":  # an HF source without tokenizer.model: rebuild one from tokenizer.json
-        enc = load_tokenizer(tokenizer_model)
+        ranks = read_ranks(tokenizer_model)
         tokenizer_model = out / ".tokenizer.model"
-        write_tokenizer_model(enc._mergeable_ranks, tokenizer_model)
+        write_tokenizer_model(ranks, tokenizer_model)
     tokenizer = TikTokenConverter(
         vocab_file=str(tokenizer_model), pattern=PAT_STR, extra_special_tokens=SPECIAL_TOKENS
     ).converted()
@@ -203,6 +203,6 @@ def write_meta(ckpt: Checkpoint, out: Path) -> None:
     state_dict = {name: ckpt.tensor(name).contiguous() for name in ckpt.names()}  # output.weight even when tied
     torch.save(state_dict, out / "consolidated.00.pth")
     if ckpt.tokenizer_path.suffix == ".json":
-        write_tokenizer_model(load_tokenizer(ckpt.tokenizer_path)._mergeable_ranks, out / "tokenizer.model")
+        write_tokenizer_model(read_ranks(ckpt.tokenizer_path), out / "tokenizer.model")
     else:
         shutil.copyfile(ckpt.tokenizer_path, out / "tokenizer.model")

@@ -47,15 +47,24 @@ def load_tokenizer(path: str | Path) -> tiktoken.Encoding:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: tokenizer file not found")
-    if path.suffix == ".json":
-        return encoding_from_ranks(_ranks_from_tokenizer_json(path), name=path.parent.name)
-    ranks = read_tokenizer_model(path)
-    if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
-        raise HarnessError(f"{path}: BPE ranks must be 0..N-1 without gaps")
+    ranks = read_ranks(path)
     try:
         return encoding_from_ranks(ranks, name=path.parent.name)
     except ValueError as e:
         raise HarnessError(f"{path}: tiktoken rejected the ranks ({e})") from None
+
+
+def read_ranks(path: str | Path) -> dict[bytes, int]:
+    """The BPE ranks of a `tokenizer.model` or a byte-level BPE `tokenizer.json` (what tiktoken keeps private)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: tokenizer file not found")
+    if path.suffix == ".json":
+        return _ranks_from_tokenizer_json(path)
+    ranks = read_tokenizer_model(path)
+    if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
+        raise HarnessError(f"{path}: BPE ranks must be 0..N-1 without gaps")
+    return ranks
 
 
 def read_tokenizer_model(path: Path) -> dict[bytes, int]:
