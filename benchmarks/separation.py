@@ -111,7 +111,7 @@ def prompt_of_length(tokenizer_path: Path, n: int) -> str:
     return enc.decode(ids)
 
 
-# ---- the sweep --------------------------------------------------------------------------------------------------------
+# ---- the sweep -------------------------------------------------------------------------------------------------------
 
 
 def checkpoint(work: Path, variant: str, seed: int):

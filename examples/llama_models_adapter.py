@@ -1,6 +1,7 @@
 """Meta's reference Llama-3 (`llama_models.llama3.model.Transformer`, package llama-models) traced by the harness.
 
-Verify it:  python -m harness verify CHECKPOINT --impl examples/llama_models_adapter.py:ADAPTER [--dtype bfloat16] [--isolated | --generate N]
+Verify it:  python -m harness verify CHECKPOINT --impl examples/llama_models_adapter.py:ADAPTER
+                [--dtype bfloat16] [--isolated | --generate N]
 Needs: pip install llama-models==0.3.0 fairscale==0.4.13 (fairscale is imported but not declared). Its parameters have
 Meta's names and q/k rows stay in Meta's interleaved order, so loading is 1:1 and no q/k transform applies.
 `scores` are softmax's input: masked and scaled, judged on their causal part. Softmax is wrapped in torch itself for

@@ -1,6 +1,7 @@
-"""`Llama3Model` of the book "Build a Large Language Model From Scratch" (package llms-from-scratch) traced by the harness.
+"""`Llama3Model` of the book "Build a Large Language Model From Scratch" (package llms-from-scratch), traced.
 
-Verify it:  python -m harness verify CHECKPOINT --impl examples/llms_from_scratch_adapter.py:ADAPTER [--dtype bfloat16] [--isolated | --generate N]
+Verify it:  python -m harness verify CHECKPOINT --impl examples/llms_from_scratch_adapter.py:ADAPTER
+                [--dtype bfloat16] [--isolated | --generate N]
 Needs: pip install --no-deps llms-from-scratch==1.0.19 (its declared dependencies pull tensorflow and jupyterlab; this
 model needs only torch and tiktoken). It rotates q/k by halves, as Hugging Face does: wq/wk rows are permuted on load
 and its q/k are mapped back to Meta's interleaved pairs. Its RMSNorm eps is hard-coded 1e-5 (Llama-3's).

@@ -233,7 +233,8 @@ def _open_meta(path: Path) -> Checkpoint:
     numbers = [int(m[1]) if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)) else -1 for f in shard_files]
     if numbers != list(range(len(shard_files))):
         raise HarnessError(
-            f"{path}: shards must be numbered consolidated.00.pth .. {len(shard_files) - 1:02d}, found {[f.name for f in shard_files]}"
+            f"{path}: shards must be numbered consolidated.00.pth .. {len(shard_files) - 1:02d}, "
+            f"found {[f.name for f in shard_files]}"
         )
     shards = [load_pth(f) for f in shard_files]
     keys = set(shards[0]) - _IGNORED

@@ -138,13 +138,15 @@ def check_entry(
         )
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise HarnessError(
-            f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, this harness reads {READABLE_VERSIONS}; run `python -m harness golden --update`"
+            f"{golden_dir / 'manifest.json'}: golden traces are format {manifest.get('format_version')}, "
+            f"this harness reads {READABLE_VERSIONS}; run `python -m harness golden --update`"
         )
     tiny_root = Path(tiny_root or work_dir / "tiny")
     ckpt = open_checkpoint(make_tiny_once(tiny_root, entry.variant, entry.seed))
     if ckpt.fingerprint() != recorded["checkpoint"]:
         raise HarnessError(
-            f"{golden}: the tiny {entry.variant} checkpoint generator changed (fingerprint differs); run `python -m harness golden --update` if intended"
+            f"{golden}: the tiny {entry.variant} checkpoint generator changed (fingerprint differs); "
+            f"run `python -m harness golden --update` if intended"
         )
     today = Path(work_dir) / entry.file
     if not today.exists():

@@ -30,7 +30,8 @@ def check(verified, case, name: str) -> None:
     if r.get("worst_token") is not None:
         where += f" ({r['worst_token']!r})"
     lines = [
-        f"{name} diverges in {case.impl} ({case.id}): rel_l2 {_fmt(r['rel_l2'])} vs bound {_fmt(r['bound'])} (ratio {_fmt(r['ratio'])}"
+        f"{name} diverges in {case.impl} ({case.id}): rel_l2 {_fmt(r['rel_l2'])} vs bound {_fmt(r['bound'])} "
+        f"(ratio {_fmt(r['ratio'])}"
         + (f", reference's own error {_fmt(r['floor'])}" if r.get("floor") is not None else "")
         + ")",
         f"  max_abs {_fmt(r['max_abs'])}, max_rel {_fmt(r['max_rel'])}, cosine {_fmt(r['cosine'])}; worst at {where}",
@@ -52,7 +53,8 @@ def check(verified, case, name: str) -> None:
         )
     )
     lines.append(
-        f"  traces and report: {run.out}; rerun: python -m harness compare {run.out / 'reference.h5'} {run.summary['trace']}"
+        f"  traces and report: {run.out}; "
+        f"rerun: python -m harness compare {run.out / 'reference.h5'} {run.summary['trace']}"
     )
     pytest.fail("\n".join(lines), pytrace=False)
 

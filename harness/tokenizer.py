@@ -1,4 +1,4 @@
-"""The Llama-3 tokenizer: a tiktoken `Encoding` from `tokenizer.model`, with Meta's split pattern and 256 special tokens.
+"""The Llama-3 tokenizer: a tiktoken `Encoding` from `tokenizer.model`, Meta's split pattern, 256 special tokens.
 
 A prompt becomes `[<|begin_of_text|>] + encode(prompt)`, as in the notebook.
 """
@@ -15,7 +15,10 @@ import tiktoken
 from .errors import HarnessError
 
 # Meta's llama3 tokenizer.py
-PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 NUM_RESERVED_SPECIAL_TOKENS = 256
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -86,7 +89,8 @@ def read_tokenizer_model(path: Path) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, binascii.Error) as e:  # not `base64 rank`
             raise HarnessError(
-                f"{path}: not a tiktoken BPE file (each line: base64 token, space, rank); line {number}: {type(e).__name__}"
+                f"{path}: not a tiktoken BPE file (each line: base64 token, space, rank); "
+                f"line {number}: {type(e).__name__}"
             ) from None
     return ranks
 
