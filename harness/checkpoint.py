@@ -212,8 +212,10 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a Meta (params.json) or HF (config.json) checkpoint directory and check its tensors against its config."""
-    path = Path(path)
+    """Open a Meta (params.json) or HF (config.json) checkpoint directory and check its tensors against its config.
+
+    `~` is expanded, as a shell would (a quoted '~/Meta-Llama-3-8B' or `--llama3-checkpoint=~/...` reaches us as is)."""
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise HarnessError(f"{path}: checkpoint directory not found")
     if (path / "params.json").exists():

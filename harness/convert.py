@@ -47,6 +47,12 @@ def convert(src: str | Path, dst: str | Path, *, to: str) -> None:
     if to not in ("hf", "meta"):
         raise HarnessError(f"unknown target format {to!r}; choose hf or meta")
     ckpt = open_checkpoint(src)
+    if ckpt.format == to:
+        name = "Hugging Face" if to == "hf" else "Meta"
+        raise HarnessError(
+            f"{ckpt.path}: already a {name} checkpoint; --to {to} would only copy it (use --to "
+            f"{'meta' if to == 'hf' else 'hf'} for the other format)"
+        )
     if ckpt.tokenizer_path is None:
         raise HarnessError(f"{ckpt.path}: no tokenizer.model or tokenizer.json to convert")
     with _new_directory(Path(dst)) as out:
