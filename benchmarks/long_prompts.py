@@ -30,7 +30,7 @@ def prompt_of_length(checkpoint: Path, n_tokens: int) -> tuple[str, int]:
 
     Returns (prompt, its token count). The shortest prefix of the repeated text reaching n_tokens, by bisection."""
     from harness.checkpoint import open_checkpoint
-    from harness.runner import prompt_tokens
+    from harness.run import prompt_tokens
     from harness.tokenizer import encode_prompt, load_tokenizer
 
     enc = load_tokenizer(open_checkpoint(checkpoint).tokenizer_path)

@@ -53,8 +53,8 @@ import ast, statistics, sys, tempfile, time, torch
 from pathlib import Path
 import harness.scratch as scratch
 from harness.checkpoint import open_checkpoint
-from harness.runner import DEFAULT_PROMPT, prompt_tokens
-from harness.tracing import tracing
+from harness.run import DEFAULT_PROMPT, prompt_tokens
+from harness import tracing
 
 class DropRecord(ast.NodeTransformer):
     def visit_Expr(self, node):

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness import scratch  # noqa: E402
 from harness.checkpoint import open_checkpoint  # noqa: E402
 from harness.compare import compare_traces  # noqa: E402
-from harness.runner import trace_reference, trace_scratch  # noqa: E402
+from harness.run import trace_reference, trace_scratch  # noqa: E402
 from harness.tiny import CORPUS, make_tiny_meta  # noqa: E402
 from harness.tokenizer import load_tokenizer  # noqa: E402
 

@@ -4,7 +4,7 @@ Verify it:  python -m harness verify CHECKPOINT --impl examples/my_llama.py:forw
             python -m harness verify CHECKPOINT --impl examples/my_llama.py:forward --generate 8   (with its KV cache)
 What it takes: `harness.record(name, tensor)` at the canonical names (README: "Canonical names"), and each layer's input
 passed through `harness.layer_input` so that `--isolated` can hand every layer the reference's input. For generation,
-the decode contract's `start_pos` and `cache` (README: "Generation"): the harness calls it once for the prompt
+the decode contract's `start_pos` and `cache` (docs/generation.md): the harness calls it once for the prompt
 (start_pos 0, cache empty), then once per decoded token, always with the same cache dict.
 """
 

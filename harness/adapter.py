@@ -3,7 +3,7 @@
 An `Adapter` is itself a forward of the harness's contract, `adapter(checkpoint, tokens, *, dtype, device) -> logits
 [T, V]`: it builds the module, attaches hooks for the run only (removed in `finally:`), runs it and records each
 mapped name. Paths have a `{layer}` slot; a name with a `{head}` slot is taken as [H, ...] and recorded per head.
-A tapped function may return `Rows` (harness.tracing) for a long tensor it computes by blocks: the transforms apply
+A tapped function may return `Rows` (harness.trace_file) for a long tensor it computes by blocks: the transforms apply
 to its values.
 Shapes: T tokens, H query heads, KV kv heads, hd head_dim.
 """
@@ -24,7 +24,8 @@ from .config import ModelConfig
 from .errors import HarnessError
 from .hf_layout import half_split_to_interleaved
 from .isolation import layer_input
-from .tracing import Rows, record
+from .recording import record
+from .trace_file import Rows
 
 Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
 
@@ -216,7 +217,8 @@ class Adapter:
     pre-hook that calls `harness.layer_input`); `run(module, tokens)` calls it (default `module(tokens[None])`).
     Generation (`--generate`): `run_step(module, tokens, start_pos, cache)` calls the module on one step's tokens with
     its own KV cache (kept in `cache`, a dict the harness passes back at every step); `cache_taps` are taps read only
-    in generation steps (`cache_k`, `cache_v`: what a head attends over). The module is built once, at the prefill.
+    in generation steps (`cache_k`, `cache_v`: what a head attends over). The module is built once per generation, at
+    the prefill (`decoder`).
     """
 
     build: Callable[[Checkpoint, torch.dtype, torch.device], torch.nn.Module]
@@ -235,23 +237,28 @@ class Adapter:
             logits = _logits_of(self.run(module, tokens.to(device)))
         return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
 
-    def decode(
-        self,
-        checkpoint: Checkpoint,
-        tokens: torch.Tensor,
-        *,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        start_pos: int,
-        cache: dict,
-    ) -> torch.Tensor:
-        """One generation step (the decode contract): the module built at the prefill, kept in `cache`."""
-        if "_module" not in cache:
-            cache["_module"] = self.build(checkpoint, dtype, torch.device(device))
-        module = cache["_module"]
-        with self.attached(module, checkpoint.config, cache=True):
-            logits = _logits_of(self.run_step(module, tokens.to(device), start_pos, cache))
-        return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
+    def decoder(self) -> Callable[..., torch.Tensor]:
+        """A generation's decode step (the decode contract), made fresh for each generation: the module, built at the
+        prefill, is kept in it; `cache` goes to `run_step` as it is, the implementation's own."""
+        module: torch.nn.Module | None = None
+
+        def decode(
+            checkpoint: Checkpoint,
+            tokens: torch.Tensor,
+            *,
+            dtype: torch.dtype,
+            device: torch.device | str,
+            start_pos: int,
+            cache: dict,
+        ) -> torch.Tensor:
+            nonlocal module
+            if module is None:
+                module = self.build(checkpoint, dtype, torch.device(device))
+            with self.attached(module, checkpoint.config, cache=True):
+                logits = _logits_of(self.run_step(module, tokens.to(device), start_pos, cache))
+            return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
+
+        return decode
 
     @contextmanager
     def attached(

@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import HarnessError
-from .runner import DEFAULT_PROMPT, DTYPES
+from .run import DEFAULT_PROMPT, DTYPES
 
 
 def _prompt(args: argparse.Namespace) -> str:
-    from .runner import read_prompt_file
+    from .run import read_prompt_file
 
     return read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
 
@@ -31,8 +32,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from .generation import trace_generation
     from .implementation import resolve
-    from .runner import make_run, trace
+    from .run import make_run, trace
 
     if args.vectorized and args.impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
@@ -45,7 +47,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         names=args.names,
         generate=args.generate,
     )
-    logits = trace(run, impl, args.out)
+    logits = (trace_generation if args.generate else trace)(run, impl, args.out)
     if args.generate:
         generated = logits[len(run.tokens) - 1 :].float().argmax(-1).tolist()  # each step's greedy token
         print(
@@ -69,10 +71,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def tokenizer_for(attrs: dict) -> Callable[[int], str] | None:
+    """Token text from the checkpoint a trace names (attr `checkpoint_path`), when it is still there; else None."""
+    path = attrs.get("checkpoint_path")
+    if not isinstance(path, str) or not Path(path).is_dir():
+        return None
+    from .checkpoint import open_checkpoint
+    from .tokenizer import load_tokenizer, token_text_of
+
+    try:
+        ckpt = open_checkpoint(path)
+        return token_text_of(load_tokenizer(ckpt.tokenizer_path)) if ckpt.tokenizer_path else None
+    except HarnessError:
+        return None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_traces, tokenizer_for, write_json
+    from .compare import compare_traces, write_json
     from .report import text_report
-    from .tracing import load_trace
+    from .trace_file import load_trace
 
     with load_trace(args.a) as a:
         token_text = tokenizer_for(a.attrs)
@@ -111,7 +128,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})"
     )
     print(
-        f"prompt: {len(result.comparison.tokens or [])} tokens; traces, comparison.json and report.html written to {result.out}"
+        f"prompt: {len(result.comparison.tokens or [])} tokens; "
+        f"traces, comparison.json and report.html written to {result.out}"
     )
     return 0 if result.passed else 1
 
@@ -138,7 +156,10 @@ def cmd_golden(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-IMPL_HELP = "scratch, reference, MODULE:ATTR or path/to/file.py:ATTR: a forward(checkpoint, tokens, *, dtype, device) or an Adapter"
+IMPL_HELP = (
+    "scratch, reference, MODULE:ATTR or path/to/file.py:ATTR: a forward(checkpoint, tokens, *, dtype, device) "
+    "or an Adapter"
+)
 
 
 def _add_generate_option(p: argparse.ArgumentParser) -> None:

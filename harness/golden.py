@@ -21,7 +21,7 @@ from .compare import Comparison, compare_traces
 from .errors import HarnessError
 from .files import atomic_path
 from .tiny import make_tiny_once
-from .tracing import FORMAT_VERSION, READABLE_VERSIONS, library_versions
+from .trace_file import FORMAT_VERSION, READABLE_VERSIONS, library_versions
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 
@@ -79,7 +79,7 @@ def sha256(path: Path) -> str:
 
 
 def trace_entry(entry: Entry, prompt: str, out: Path, tiny_root: Path) -> Path:
-    from .runner import trace_scratch
+    from .run import trace_scratch
 
     trace_scratch(
         open_checkpoint(make_tiny_once(tiny_root, entry.variant, entry.seed)), out, prompt=prompt, dtype=entry.dtype

@@ -1,10 +1,11 @@
 """`--impl`: the implementation a run traces, by name (`scratch`, `reference`), `MODULE:ATTR` or `path/to/file.py:ATTR`.
 
 Every implementation is one contract: `forward(checkpoint, tokens, *, dtype, device) -> logits [T, V]`, recording
-canonical names with `harness.record`. A function in the notebook's style is one; so is an `Adapter` (harness/adapter.py).
+canonical names with `harness.record`. A function in the notebook's style is one; so is an `Adapter`
+(harness/adapter.py).
 Generation (`--generate`) adds two keywords, the decode contract: `forward(checkpoint, tokens, *, dtype, device,
 start_pos, cache) -> logits [T, V]` for the step's T new tokens at positions start_pos ..; `cache` is a dict, empty at
-the prefill, the same dict at every later step, for the implementation's own KV cache.
+the prefill, the same dict at every later step, for the implementation's own KV cache (and nothing of the harness's).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Implementation:
     name: str
     forward: Forward
     metadata: dict[str, Any] = field(default_factory=dict)
-    decode: Forward | None = None  # the decode contract, when it is not `forward` itself (the reference's)
+    decoder: Callable[[], Forward] | None = None  # makes a generation's decode step, when not `forward` (the reference)
 
 
 def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progress: bool = False) -> Implementation:
@@ -54,7 +55,7 @@ def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progres
             "reference",
             forward,
             {"oracle": "float64 (layer by layer)" if oracle else "none"},
-            functools.partial(reference.decode, oracle=oracle),
+            functools.partial(reference.decoder, oracle=oracle),
         )
     raise HarnessError(
         f"unknown implementation {name!r}; choose scratch, reference, MODULE:ATTR or path/to/file.py:ATTR"
@@ -103,19 +104,21 @@ def check_signature(spec: str, forward: Any) -> None:
 
 
 def decoder(impl: Implementation) -> Forward:
-    """The implementation's decode step, `forward(checkpoint, tokens, *, dtype, device, start_pos, cache)`, checked."""
+    """The implementation's decode step, `forward(checkpoint, tokens, *, dtype, device, start_pos, cache)`, checked;
+    made fresh for each generation, so that the state an Adapter or the reference keeps across steps (the module, the
+    reference's caches) lives in it, not in the `cache` dict the contract hands the implementation."""
     from .adapter import Adapter
 
-    if impl.decode is not None:
-        return impl.decode
+    if impl.decoder is not None:
+        return impl.decoder()
     forward = impl.forward
     if isinstance(forward, Adapter):
         if forward.run_step is None:
             raise HarnessError(
                 f"--impl {impl.name}: --generate needs the Adapter's run_step(module, tokens, start_pos, "
-                f"cache), which calls the module on one step with its own KV cache (README: Generation)"
+                f"cache), which calls the module on one step with its own KV cache (docs/generation.md)"
             )
-        return forward.decode
+        return forward.decoder()
     try:
         signature = inspect.signature(forward)
     except (TypeError, ValueError):
@@ -125,7 +128,7 @@ def decoder(impl: Implementation) -> Forward:
     except TypeError:
         raise HarnessError(
             f"--impl {impl.name}: --generate needs forward(checkpoint, tokens, *, dtype, device, start_pos, "
-            f"cache) (README: Generation); its signature is {signature}"
+            f"cache) (docs/generation.md); its signature is {signature}"
         ) from None
     return forward
 

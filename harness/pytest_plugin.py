@@ -122,7 +122,7 @@ class Case:
 
 def suite_cases(config) -> list[Case]:
     from harness.implementation import resolve
-    from harness.runner import parse_dtype
+    from harness.run import parse_dtype
 
     explicit = option(config, "dtype")
     checkpoint = option(config, "checkpoint")
@@ -160,7 +160,7 @@ def suite_cases(config) -> list[Case]:
 
 
 def suite_prompt(config) -> str:
-    from harness.runner import DEFAULT_PROMPT, read_prompt_file
+    from harness.run import DEFAULT_PROMPT, read_prompt_file
 
     if option(config, "prompt") is not None and option(config, "prompt_file") is not None:
         raise pytest.UsageError("--llama3-prompt and --llama3-prompt-file are exclusive: give one")
@@ -230,21 +230,17 @@ def _step_id(step: int | None) -> str:
 
 
 def pytest_generate_tests(metafunc):
-    from harness.names import CACHE_NAMES, HEAD_NAMES, LAYER_NAMES
+    from harness.names import head_parts, layer_parts
 
     cases = metafunc.config._llama3_cases
     if "head_case" in metafunc.fixturenames:
-
-        def head_parts(step):  # a generation step's heads also hold the cache they attend over
-            return HEAD_NAMES if step is None else HEAD_NAMES[:5] + CACHE_NAMES + HEAD_NAMES[5:]
-
         params = [
             (c, layer, head, part, step)
             for c in cases
             for step in _steps(c)
             for layer in range(c.n_layers)
             for head in range(c.n_heads)
-            for part in head_parts(step)
+            for part in head_parts(in_step=step is not None)  # a step's heads also hold the cache they attend
         ]
         ids = [
             f"{_prefix(cases, c)}{_step_id(step)}layer{layer}-head{head}-{part}"
@@ -252,7 +248,7 @@ def pytest_generate_tests(metafunc):
         ]
         metafunc.parametrize("head_case", params, ids=ids)
     if "layer_case" in metafunc.fixturenames:
-        parts = [p for p in LAYER_NAMES if p != "heads"]
+        parts = layer_parts()
         params = [
             (c, layer, part, step) for c in cases for step in _steps(c) for layer in range(c.n_layers) for part in parts
         ]
@@ -262,7 +258,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
-# ---- computed once per session, by whichever worker gets there first ---------------------------------------------------
+# ---- computed once per session, by whichever worker gets there first -------------------------------------------------
 
 
 def _session_id(config) -> str:

@@ -8,6 +8,8 @@ split, q/k back to Meta's interleaved pairs, each query head given its KV head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask, eager_mask
@@ -23,7 +25,8 @@ from . import hf_layout
 from .adapter import Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from .checkpoint import Checkpoint
 from .names import ORACLE_PREFIX
-from .tracing import Rows, kept_rows, record
+from .recording import record
+from .trace_file import Rows, kept_rows
 
 ATTENTION = "harness_traced"  # HF's eager attention, with a tap point for its scores
 
@@ -39,8 +42,8 @@ def attention_scores(
 ) -> torch.Tensor | Rows:
     """q_rotated @ k_rotated.T * scaling, before the mask, as eager attention computes them: a tap point.
 
-    query [1, H, T, hd], key [1, KV, K, hd] (before repeat_kv), in HF's half-split q/k order -> [1, H, T, K]; with `rows`,
-    the scores of those query rows only, `Rows` of [1, H, len(rows), K] (what a trace keeps of a long prompt's).
+    query [1, H, T, hd], key [1, KV, K, hd] (before repeat_kv), in HF's half-split q/k order -> [1, H, T, K]; with
+    `rows`, the scores of those query rows only, `Rows` of [1, H, len(rows), K] (what a trace keeps of a long prompt's).
     """
     keys = repeat_kv(key, query.shape[1] // key.shape[1]).transpose(2, 3)  # [1, H, hd, K]
     if rows is None:
@@ -52,7 +55,8 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
     """HF's eager attention, unchanged, after the tap point for its scores (`attention_scores`, recomputed: only the
     rows a trace keeps, so a long prompt never holds a second [H, T, K]). In float64 (the oracle) a block of query rows
     at a time, with a float64 softmax, not eager's float32 one.
-    -> (output [1, T, H, hd], probs [1, H, T, K]; the oracle's as `Rows`, the rows a trace keeps, past FULL_SQUARE_MAX_T)"""
+    -> (output [1, T, H, hd], probs [1, H, T, K]; the oracle's as `Rows`, the rows a trace keeps, past
+    FULL_SQUARE_MAX_T)"""
     rows = kept_rows("scores", (query.shape[2], key.shape[2]))  # None: all of them, up to FULL_SQUARE_MAX_T tokens
     attention_scores(query, key, scaling, rows)  # the tap point, for the adapter's wrapper to record
     if query.dtype != torch.float64:
@@ -204,7 +208,8 @@ def _rotary_float64(
 
 
 def _step_mask(n_tokens: int, start_pos: int, device: torch.device | str) -> torch.Tensor:
-    """Eager attention's mask for a generation step: finfo.min where a key lies after the query. [1, 1, T, start_pos + T]"""
+    """Eager attention's mask for a generation step: finfo.min where a key lies after the query.
+    [1, 1, T, start_pos + T]"""
     mask = torch.full(
         (n_tokens, start_pos + n_tokens), torch.finfo(torch.float64).min, dtype=torch.float64, device=device
     )
@@ -224,10 +229,11 @@ def run_oracle(
 ) -> torch.Tensor | None:
     """The reference in float64, one decoder layer resident at a time (HF's own module classes, traced by the same
     adapter), logits in chunks of vocabulary rows: the oracle costs one layer's weights in float64, not the whole
-    model's. Where HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in float64.
-    Logits: only the rows a trace keeps (every row up to FULL_LOGITS_MAX_ELEMENTS); with `return_logits` (a float64
-    reference is this run itself) every row, returned [T, V].
-    Generation: with `cache` (a dict kept across steps) `tokens` sit at start_pos .. and use a float64 DynamicCache."""
+    model's. Where HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in
+    float64. Logits: only the rows a trace keeps (every row up to FULL_LOGITS_MAX_ELEMENTS); with `return_logits` (a
+    float64 reference is this run itself) every row, returned [T, V].
+    Generation: with `cache` (the oracle's own dict, kept across steps) `tokens` sit at start_pos .. and use a float64
+    DynamicCache kept in it."""
     f64, config = torch.float64, ckpt.config
     cfg = hf_layout.hf_config(config)
     cfg._attn_implementation = ATTENTION
@@ -236,7 +242,7 @@ def run_oracle(
     record(prefix + "embeddings", x[0])
     position_ids = torch.arange(start_pos, start_pos + len(ids), device=device)[None]  # [1, T]
     cos_sin = _rotary_float64(cfg, len(ids), device, start_pos)
-    past = None if cache is None else cache.setdefault("oracle_past_key_values", DynamicCache(config=cfg))
+    past = None if cache is None else cache.setdefault("past_key_values", DynamicCache(config=cfg))
     if past is None:
         mask = create_causal_mask(
             config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids
@@ -296,26 +302,38 @@ def forward(
     return logits
 
 
-def decode(
-    checkpoint: Checkpoint,
-    tokens: torch.Tensor,
-    *,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    start_pos: int,
-    cache: dict,
-    oracle: bool = True,
-) -> torch.Tensor:
-    """One generation step of the reference (the decode contract): HF with its DynamicCache; with `oracle` also the
-    float64 oracle's step under `_oracle.NAME`, with a float64 cache of its own (re-reading one layer at a time)."""
-    if dtype == torch.float64:
-        return run_oracle(
-            checkpoint, tokens, prefix="", device=device, start_pos=start_pos, cache=cache, return_logits=True
-        )
-    logits = HUGGING_FACE.decode(checkpoint, tokens, dtype=dtype, device=device, start_pos=start_pos, cache=cache)
-    if oracle:
-        run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device, start_pos=start_pos, cache=cache)
-    return logits
+def decoder(oracle: bool = True) -> Callable[..., torch.Tensor]:
+    """The reference's decode step (the decode contract), made fresh for each generation: HF with its DynamicCache (the
+    Hugging Face adapter's decode step, given a cache dict of its own), and with `oracle` the float64 oracle's step
+    under `_oracle.NAME` with a float64 cache of its own (re-reading one layer at a time). Both caches live here, not
+    in the contract's `cache`, which the reference leaves alone."""
+    hf_step, hf_cache, oracle_cache = HUGGING_FACE.decoder(), {}, {}
+
+    def decode(
+        checkpoint: Checkpoint,
+        tokens: torch.Tensor,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        start_pos: int,
+        cache: dict,
+    ) -> torch.Tensor:
+        if dtype == torch.float64:
+            return run_oracle(
+                checkpoint,
+                tokens,
+                prefix="",
+                device=device,
+                start_pos=start_pos,
+                cache=oracle_cache,
+                return_logits=True,
+            )
+        logits = hf_step(checkpoint, tokens, dtype=dtype, device=device, start_pos=start_pos, cache=hf_cache)
+        if oracle:
+            run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device, start_pos=start_pos, cache=oracle_cache)
+        return logits
+
+    return decode
 
 
 def _first(x):

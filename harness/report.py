@@ -12,10 +12,11 @@ import math
 from pathlib import Path
 
 from . import names as canon
-from .compare import FLOOR_FACTOR, Comparison, NameResult
+from .bound import FLOOR_FACTOR
+from .compare import Comparison, NameResult
 from .errors import HarnessError
 from .files import atomic_path
-from .tracing import load_trace
+from .trace_file import load_trace
 
 
 def _fmt(x: float | None) -> str:
@@ -58,7 +59,8 @@ def describe_divergence(c: Comparison) -> str:
         return (
             f"first divergence: {r.name}{head}: first failing at position {at}{token}; worst at positions "
             f"{worst['positions'][0]}-{worst['positions'][1]}, {_fmt(worst['ratio'])}x their bound (rel_l2 "
-            f"{_fmt(worst['rel_l2'])}{block_floor}); over the whole prompt rel_l2 {_fmt(r.rel_l2)}, bound {_fmt(r.bound)}"
+            f"{_fmt(worst['rel_l2'])}{block_floor}); over the whole prompt rel_l2 {_fmt(r.rel_l2)}, "
+            f"bound {_fmt(r.bound)}"
         )
     return (
         f"first divergence: {r.name}{head}: rel_l2 {_fmt(r.rel_l2)} > bound {_fmt(r.bound)} ({_fmt(r.ratio)}x the bound"
@@ -89,7 +91,8 @@ def text_report(c: Comparison, n_worst: int = 10) -> str:
     header = f"{'name':<44} {'rel_l2':>9} {'floor':>9} {'bound':>9} {'ratio':>7}  {'cosine':>8}  worst"
     lines += [
         "",
-        f"worst {min(n_worst, len(c.results))} names (ratio = rel_l2 / bound, or its worst block's on a long prompt; > 1 fails):",
+        f"worst {min(n_worst, len(c.results))} names "
+        "(ratio = rel_l2 / bound, or its worst block's on a long prompt; > 1 fails):",
         header,
     ]
     for r in sorted(c.results, key=lambda r: -r.ratio)[:n_worst]:
@@ -109,7 +112,7 @@ def text_report(c: Comparison, n_worst: int = 10) -> str:
     return "\n".join(lines)
 
 
-# ---- plots --------------------------------------------------------------------------------------------------------------
+# ---- plots -----------------------------------------------------------------------------------------------------------
 
 
 def _pyplot():
@@ -191,7 +194,8 @@ def plot_head_heatmaps(c: Comparison, path: Path) -> bool:
 
 
 def plot_depth(c: Comparison, path: Path) -> bool:
-    """rel_l2 of the residual stream (attention_residual and output of each layer) across depth, with floor and bound."""
+    """rel_l2 of the residual stream (attention_residual and output of each layer) across depth, with floor and
+    bound."""
     points = []
     for r in c.results:
         layer, head, part = canon.parse(r.name)
@@ -228,7 +232,8 @@ def plot_depth(c: Comparison, path: Path) -> bool:
 
 def plot_positions(c: Comparison, path: Path) -> bool:
     """A long prompt: each block of positions' ratio to its bound along the prompt, for the first divergent name, each
-    layer's output, the worst head's q_rotated and k_rotated, and the logits: where an implementation leaves the floor."""
+    layer's output, the worst head's q_rotated and k_rotated, and the logits: where an implementation leaves the
+    floor."""
     blocked = [r for r in c.results if r.blocks]
     if not blocked:
         return False
@@ -280,7 +285,8 @@ def divergent_head(c: Comparison) -> tuple[int, int] | None:
 
 
 def plot_attention(c: Comparison, path: Path, layer: int, head: int) -> bool:
-    """A's and B's attention probabilities for one head and B - A, token labels on both axes (as the notebook's maps)."""
+    """A's and B's attention probabilities for one head and B - A, token labels on both axes (as the notebook's
+    maps)."""
     name = canon.head_name(layer, head, "probs")
     try:
         with load_trace(c.path_a) as a, load_trace(c.path_b) as b:
@@ -362,7 +368,7 @@ def _step_table(steps: list[dict]) -> str:
     )
 
 
-# ---- HTML ---------------------------------------------------------------------------------------------------------------
+# ---- HTML ------------------------------------------------------------------------------------------------------------
 
 
 def _row(r: NameResult) -> str:
@@ -435,7 +441,8 @@ def write_report(
         body.append(_step_table(steps))
     for png, caption in images:
         body.append(
-            f'<figure><img src="{png}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+            f'<figure><img src="{png}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     body.append(
         "<h2>Worst names</h2><table><tr><th>name</th><th>rel L2</th><th>floor</th><th>bound</th><th>ratio</th>"
@@ -447,9 +454,8 @@ def write_report(
         " .fail{color:#b00} figure{margin:1.5em 0}"
     )
     page = (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head><body>\n'
-        + "\n".join(body)
-        + "\n</body></html>\n"
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     path = out / "report.html"
     with atomic_path(path) as tmp:

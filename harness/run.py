@@ -1,10 +1,14 @@
-"""A run's inputs, parsed once: `make_run` checks the checkpoint, prompt, dtype and device and loads the tokenizer
-once, into a frozen `Run` that every implementation is traced from (harness/runner.py, harness/generation.py).
+"""The one run path: a run's inputs parsed once (`make_run` -> a frozen `Run`), and any implementation of the contract
+traced from it (`trace`), one call at a time (`trace_call`: generation, harness/generation.py, loops over it).
+
+The Hugging Face reference, the scratch forward and a user's code are three implementations of one contract
+(harness/implementation.py): each gets the same tokens, records the same metadata, is held to the same shapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +18,12 @@ import torch
 from . import names as canon
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import HarnessError
+from .implementation import Forward, Implementation, builtin
+from .isolation import isolated
+from .recording import record, record_calls, recorded, tracing
 from .tokenizer import encode_prompt, load_tokenizer
 from .tokenizer import token_text_of as _text
+from .trace_file import Trace
 
 DEFAULT_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -66,7 +74,8 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
     enc = enc or _tokenizer(ckpt)
     if enc.n_vocab > ckpt.config.vocab_size:
         raise HarnessError(
-            f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is {ckpt.config.vocab_size}"
+            f"{ckpt.tokenizer_path}: tokenizer has {enc.n_vocab} tokens, the model's vocab_size is "
+            f"{ckpt.config.vocab_size}"
         )
     tokens = encode_prompt(enc, prompt)
     if len(tokens) > ckpt.config.max_seq_len:
@@ -83,7 +92,8 @@ def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
 
 
 def token_text(ckpt: Checkpoint) -> Callable[[int], str]:
-    """`text(id)` for this checkpoint's tokenizer, loaded once; ids beyond the tokenizer (benchmark shapes) as <id N>."""
+    """`text(id)` for this checkpoint's tokenizer, loaded once; ids beyond the tokenizer (benchmark shapes) as
+    <id N>."""
     return _text(load_tokenizer(ckpt.tokenizer_path))
 
 
@@ -156,29 +166,137 @@ def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any
 
 def step_span(run: Run, step: int) -> tuple[int, int]:
     """(start_pos, T) of a generation step: the prefill (0) covers the prompt, decode step s >= 1 one token."""
-    n_prompt = len(run.tokens)
-    return (0, n_prompt) if step == 0 else (n_prompt + step - 1, 1)
+    return canon.step_span(len(run.tokens), step)
 
 
 def expected_shape(run: Run, name: str) -> tuple[int, ...] | None:
     """The shape a canonical name must have in this run (None for names that are not canonical)."""
-    c, n_tokens = run.checkpoint.config, len(run.tokens)
     step, _ = canon.split_step(name)
     if step is not None and step > run.generate:
         return None
-    start_pos, n_tokens = (
-        step_span(run, step) if step is not None else (0, n_tokens + (run.generate if name == "tokens" else 0))
-    )
-    sizes = {
-        "T": n_tokens,
-        "K": start_pos + n_tokens,
-        "dim": c.dim,
-        "vocab": c.vocab_size,
-        "ffn_dim": c.ffn_dim,
-        "head_dim": c.head_dim,
-    }
-    layer, head, part = canon.parse(name)
-    axes = canon.axes(name)
-    if axes is None or (layer is not None and layer >= c.n_layers) or (head is not None and head >= c.n_heads):
+    n_tokens = len(run.tokens) + (run.generate if name == "tokens" else 0)
+    start_pos, n_tokens = step_span(run, step) if step is not None else (0, n_tokens)
+    return canon.shape_of(name, run.checkpoint.config, n_tokens, start_pos)
+
+
+# ---- tracing a run ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_trace(run: Run, impl: Implementation, out: str | Path, **extra: Any) -> Iterator[None]:
+    """The trace of `impl` on `run` at `out`: the run's metadata (and `extra`), its name filters, its shapes checked."""
+
+    def check_shape(name: str, shape: tuple[int, ...]) -> str | None:
+        want = expected_shape(run, name)
+        if want is not None and shape != want:
+            return f"{impl.name}: recorded {name!r} with shape {list(shape)}, expected {list(want)}"
         return None
-    return tuple(sizes[a] for a in axes)
+
+    meta = trace_metadata(run, impl.name, **extra, **impl.metadata)
+    with tracing(out, names=run.names, check_shape=check_shape, **meta), torch.inference_mode():
+        yield
+
+
+def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace | None = None) -> torch.Tensor:
+    """Trace `impl` on `run` into `out`; returns its logits [T, V]. The harness records `tokens` and the run's
+    metadata, and `logits` from the return value unless the implementation recorded them. In isolated mode
+    (`run.isolated`) every `harness.layer_input` call gets the input `reference` gave that layer.
+    Nothing is written when the implementation fails, records nothing, or records or returns a wrong shape.
+    A generation (`run.generate`) is harness/generation.py's `trace_generation`."""
+    if run.generate:
+        raise HarnessError(f"trace: run.generate is {run.generate}: harness.generation.trace_generation traces it")
+    isolation = None
+    if run.isolated:
+        if reference is None:
+            raise HarnessError("isolated mode needs the reference's trace")
+        isolation = isolated(_reference_input(reference), run.checkpoint.config.n_layers, impl.name)
+    tokens = torch.tensor(run.tokens, dtype=torch.long)  # [T]
+    with open_trace(run, impl, out):
+        record("tokens", tokens)
+        return trace_call(run, impl.name, impl.forward, tokens, isolation=isolation)
+
+
+def trace_call(
+    run: Run,
+    name: str,
+    forward: Forward,
+    tokens: torch.Tensor,
+    *,
+    step: int | None = None,
+    isolation: contextlib.AbstractContextManager | None = None,
+    must_record: bool = True,
+    **decode: Any,
+) -> torch.Tensor:
+    """One call of an implementation inside the open trace, on the whole prompt or (`step`, with the decode contract's
+    `start_pos` and `cache`) on one generation step's new tokens: its logits [T, V] checked and recorded as `logits`
+    unless it recorded them. With `must_record`, a call that records nothing is refused."""
+    calls = record_calls()
+    with isolation or contextlib.nullcontext():
+        logits = _call(run, name, forward, tokens, step, **decode)
+    if must_record and record_calls() == calls:
+        raise HarnessError(
+            f"{name}: recorded nothing: call harness.record(NAME, tensor) at the canonical names "
+            f"(README: Canonical names), or map them in an Adapter"
+        )
+    if not recorded("logits"):
+        record("logits", logits)
+    return logits
+
+
+def _call(run: Run, name: str, forward: Forward, tokens: torch.Tensor, step: int | None, **decode) -> torch.Tensor:
+    """The implementation called, its errors as one line naming it (and the step), its logits' shape checked."""
+    try:
+        logits = forward(run.checkpoint, tokens, dtype=run.torch_dtype, device=run.device, **decode)
+    except (HarnessError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        where = "" if step is None else f" at step {step} (start_pos {decode['start_pos']})"
+        raise HarnessError(
+            f"{name} raised {type(e).__name__}{where}: {e} (rerun with --debug for the traceback)"
+        ) from e
+    want = (len(tokens), run.checkpoint.config.vocab_size)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        what, axes = ("", "[T, vocab]") if step is None else (f" step {step}", "[T, vocab], T = the step's new tokens")
+        raise HarnessError(f"{name}:{what} returned logits {got}, expected a tensor of shape {list(want)} ({axes})")
+    return logits
+
+
+def _reference_input(reference: Trace):
+    """Isolated mode: `embeddings` into layer 0, `layers.{l-1}.output` into layer l (l = n_layers: the final norm)."""
+
+    def layer_input(layer: int) -> torch.Tensor:
+        return reference["embeddings"] if layer == 0 else reference[f"layers.{layer - 1}.output"]
+
+    return layer_input
+
+
+def trace_scratch(
+    ckpt: Checkpoint,
+    out: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    dtype: str = "float32",
+    names: list[str] | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    vectorized: bool = False,
+) -> torch.Tensor:
+    """The from-scratch forward traced into `out`; returns the logits [T, V]."""
+    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
+    return trace(run, builtin("scratch", vectorized=vectorized, progress=progress), out)
+
+
+def trace_reference(
+    ckpt: Checkpoint,
+    out: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    dtype: str = "float32",
+    names: list[str] | None = None,
+    device: str = "cpu",
+    oracle: bool = True,
+) -> torch.Tensor:
+    """The Hugging Face reference traced into `out` (with its float64 oracle under `_oracle.`); returns the logits."""
+    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
+    return trace(run, builtin("reference", oracle=oracle), out)

@@ -2,9 +2,9 @@
 
 One layer's tensors are read at a time; one head at a time, as the notebook does. Shapes: T tokens, D dim, H heads,
 KV kv heads, hd head_dim, F ffn_dim, V vocab, K key positions (start_pos + T). Each step is a small function so it can
-be read (and mutated in tests). Generation (`cache`, `start_pos`) is Meta's: a prefill of the prompt at start_pos 0, then
-one token at a time at start_pos P, P + 1, ..., each step's rotated keys and values appended to a KV cache of plain
-tensors, `cache["layers.{l}.k"]` [KV, K, hd].
+be read (and mutated in tests). Generation (`cache`, `start_pos`) is Meta's: a prefill of the prompt at start_pos 0,
+then one token at a time at start_pos P, P + 1, ..., each step's rotated keys and values appended to a KV cache of
+plain tensors, `cache["layers.{l}.k"]` [KV, K, hd].
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelConfig, rope_frequencies
 from .isolation import layer_input
-from .tracing import is_tracing, record
+from .names import head_name, head_parts
+from .recording import is_tracing, record
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -142,17 +143,11 @@ def attention(
         probs = softmax(scores + mask).to(x_norm.dtype)  # [T, K]
         output = probs @ values  # [T, hd]
         if is_tracing():  # the names cost more than the no-op record calls: build them only when tracing
-            for name, value in (
-                ("q", q),
-                ("k", k),
-                ("v", v),
-                ("q_rotated", q_rotated),
-                ("k_rotated", k_rotated),
-                ("scores", scores),
-                ("probs", probs),
-                ("output", output),
-            ):
-                record(f"layers.{layer}.attention.heads.{head}.{name}", value)
+            taps = dict(
+                q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, scores=scores, probs=probs, output=output
+            )
+            for part in head_parts(in_step=False):  # the cache's, in a step, are recorded above
+                record(head_name(layer, head, part), taps[part])
         head_outputs.append(output)
     stacked = torch.cat(head_outputs, dim=-1)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
@@ -189,20 +184,11 @@ def attention_all_heads(
     probs = torch.nn.functional.softmax(scores + mask, dim=-1).to(x_norm.dtype)  # [H, T, K], over keys
     output = probs @ values  # [H, T, hd]
     if is_tracing():
-        cached = (("cache_k", keys), ("cache_v", values)) if cache is not None else ()
+        taps = dict(q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, scores=scores, probs=probs, output=output)
+        taps.update(cache_k=keys, cache_v=values)  # [H, K, hd]: recorded in a generation step only
         for head in range(config.n_heads):
-            for name, value in (
-                ("q", q),
-                ("k", k),
-                ("v", v),
-                ("q_rotated", q_rotated),
-                ("k_rotated", k_rotated),
-                *cached,
-                ("scores", scores),
-                ("probs", probs),
-                ("output", output),
-            ):
-                record(f"layers.{layer}.attention.heads.{head}.{name}", value[head])
+            for part in head_parts(in_step=cache is not None):
+                record(head_name(layer, head, part), taps[part][head])
     stacked = output.transpose(0, 1).reshape(T, -1)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
 

@@ -19,10 +19,11 @@ from typing import Any
 from .compare import Comparison, compare_traces, write_json
 from .errors import HarnessError
 from .files import atomic_path
+from .generation import cache_vs_no_cache, generated_tokens, step_summary, trace_generation, unexplained_disagreements
 from .implementation import Forward, builtin, resolve
 from .report import write_report
-from .runner import DEFAULT_PROMPT, check_device, make_run, parse_dtype, trace
-from .tracing import load_trace
+from .run import DEFAULT_PROMPT, check_device, make_run, parse_dtype, trace
+from .trace_file import load_trace
 
 
 @dataclass
@@ -95,11 +96,12 @@ def verify(
     ref_path, impl_path = out / "reference.h5", out / trace_file(implementation.name)
     # both traces are staged beside `out` and moved in only when both succeeded: a failing implementation leaves no
     # file written or changed
+    traced = trace_generation if generate else trace
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
         staged_ref, staged_impl = Path(staging) / ref_path.name, Path(staging) / impl_path.name
-        ref_logits = trace(reference_run, builtin("reference"), staged_ref)
+        ref_logits = traced(reference_run, builtin("reference"), staged_ref)
         with load_trace(staged_ref) as reference:
-            impl_logits = trace(run, implementation, staged_impl, reference=reference)
+            impl_logits = traced(run, implementation, staged_impl, reference=reference)
             fed = reference.tokens
         staged = [(staged_ref, ref_path), (staged_impl, impl_path)]
         if generate:  # the same implementation, no cache, over the prompt and the decoded tokens
@@ -118,7 +120,8 @@ def verify(
         notes = [
             f"implementation {implementation.name}; checkpoint {run.checkpoint.path}, dtype {dtype}, "
             f"{'isolated layers' if isolated else 'end to end'}; prompt {prompt!r} ({len(run.tokens)} tokens)",
-            f"next token: reference {text(ref_token)!r} (id {ref_token}), {implementation.name} {text(impl_token)!r} (id {impl_token})",
+            f"next token: reference {text(ref_token)!r} (id {ref_token}), "
+            f"{implementation.name} {text(impl_token)!r} (id {impl_token})",
         ]
         write_report(comparison, out, notes=notes)
         return VerifyResult(
@@ -130,9 +133,8 @@ def verify(
 def _generation_result(
     run, implementation: str, comparison, out: Path, impl_path: Path, nocache_path: Path
 ) -> VerifyResult:
-    """--generate: per-step results, the cache check and each side's generated text into comparison.json and the report."""
-    from .generation import cache_vs_no_cache, generated_tokens, step_summary, unexplained_disagreements
-
+    """--generate: per-step results, the cache check and each side's generated text into comparison.json and the
+    report."""
     with load_trace(out / "reference.h5") as ref, load_trace(impl_path) as impl:
         ref_gen, impl_gen = generated_tokens(ref), generated_tokens(impl)
     cache_check = cache_vs_no_cache(run, impl_path, nocache_path, out / "reference.h5")

@@ -1,4 +1,5 @@
-"""Helpers for tests/test_bad_input.py: run the CLI, snapshot a folder, and spoil a tiny checkpoint in one way."""
+"""Helpers for the refusal tests (tests/test_bad_input.py, test_implementations.py, test_cli.py): run the CLI and check
+its one-line refusal, snapshot a folder, and spoil a tiny checkpoint in one way."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from harness import hf_layout
 from harness.checkpoint import load_pth, open_checkpoint, split_dim
+from harness.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +23,22 @@ def run_cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProc
     """`python -m harness ARGS` in a fresh process, as a user runs it."""
     cmd = [sys.executable, "-m", "harness", *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """`harness.cli.main(argv)` in this process (fast; `run_cli` runs the real one) -> (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(code: int, err: str, *fragments: str) -> None:
+    """Exit 2, exactly one line on stderr, no traceback, and the line names every fragment."""
+    assert code == 2, f"exit code {code}, expected 2; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, f"expected one line on stderr, got:\n{err}"
+    for fragment in fragments:
+        assert str(fragment) in err, f"{fragment!r} not in stderr: {err!r}"
 
 
 def snapshot(folder: Path) -> dict[str, str]:

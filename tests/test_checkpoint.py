@@ -1,13 +1,17 @@
 """Reading Meta checkpoints: shard merging, variants, tied embeddings, shape checks against the config."""
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from helpers_bad_input import write_shards  # Meta's split: dim 0 for wq/wk/wv/w1/w3/output/embeddings, 1 for wo/w2
 
 from harness.checkpoint import load_pth, open_checkpoint
 from harness.errors import HarnessError
+from tests.helpers_bad_input import (
+    write_shards,  # Meta's split: dim 0 for wq/wk/wv/w1/w3/output/embeddings, 1 for wo/w2
+)
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
@@ -61,8 +65,25 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tiny_checkpoint, tmp_path):
         open_checkpoint(dst)
 
 
-def test_single_shard_is_memory_mapped_not_copied(tiny_checkpoint):
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds `t`'s data, from Linux's /proc/self/maps; None for anonymous memory (no
+    path, or a pseudo-path such as [heap])."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)  # address range, permissions, offset, device, inode, path (if any)
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        if start <= t.data_ptr() < end:
+            path = fields[5].strip() if len(fields) == 6 else ""
+            return path if path.startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings from Linux's /proc")
+def test_single_shard_is_memory_mapped_not_copied(tiny_checkpoint, tmp_path):
+    """One shard: each tensor is read from a mapping of consolidated.00.pth, the same storage every time; shards are
+    merged into new (anonymous) memory."""
     ckpt = open_checkpoint(tiny_checkpoint("3.0"))
     a = ckpt.tensor("layers.0.attention.wq.weight")
-    b = ckpt.tensor("layers.0.attention.wq.weight")
-    assert a.data_ptr() == b.data_ptr(), "one shard: the same mapped storage every time, no copy"
+    assert mapped_file(a) == os.path.realpath(ckpt.path / "consolidated.00.pth")
+    assert a.data_ptr() == ckpt.tensor("layers.0.attention.wq.weight").data_ptr()
+    sharded = open_checkpoint(write_shards(ckpt.path, tmp_path / "sharded", 2))
+    assert mapped_file(sharded.tensor("layers.0.attention.wq.weight")) is None

@@ -1,7 +1,7 @@
-"""compare and verify: the tolerance rule, non-finite values, first divergence, exit codes, JSON, the report.
+"""compare: the verdict on two traces, non-finite values, first divergence, exit codes, JSON, the report.
 
-Synthetic traces are written through the public `harness.tracing(path)` + `record` API, as anybody's code would;
-the end-to-end tests trace the Hugging Face reference and the from-scratch forward on the tiny checkpoints.
+Synthetic traces are written through the public `harness.tracing(path)` + `record` API, as anybody's code would.
+The rule alone: tests/test_bound.py; the streamed sums: tests/test_stream.py; verify end to end: tests/test_verify.py.
 """
 
 from __future__ import annotations
@@ -13,19 +13,22 @@ import pytest
 import torch
 
 from harness import record, tracing
-from harness.checkpoint import open_checkpoint
-from harness.cli import main
-from harness.compare import (
+from harness.bound import (
     ABS_TERM_ULPS,
     BLOCK_POSITIONS,
     DIRECT_RTOL,
     FLOOR_FACTOR,
-    ORACLE_PREFIX,
     UNIT_ROUNDOFF,
-    compare_traces,
-    oracle_bound,
+    Floor,
+    Sums,
+    allowed_rel_l2,
+    independent_samples,
     small_sample_factor,
 )
+from harness.cli import main
+from harness.compare import compare_traces, judge
+from harness.names import ORACLE_PREFIX
+from harness.stream import accumulate
 
 TOKENS = [1, 5, 7, 2, 9, 4]
 T = len(TOKENS)
@@ -108,7 +111,8 @@ def test_traces_that_cannot_be_compared_exit_2(tmp_path, base, problem, capsys):
 
 
 def test_the_oracle_rule_passes_the_reference_rounding_and_fails_ten_times_it(tmp_path):
-    """A = oracle + 1% noise (its floor); B at 1.2x the floor passes, at 10x fails (the issue's correct/wrong numbers)."""
+    """A = oracle + 1% noise (its floor); B at 1.2x the floor passes, at 10x fails (the issue's correct/wrong
+    numbers). The bound reported is `allowed_rel_l2` of the name's sums, the rule's one coding."""
     oracle = torch.randn(T, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
     ref = {"layers.0.output": noisy(oracle, 0.01, 3), ORACLE_PREFIX + "layers.0.output": oracle}
     a = write_trace(tmp_path / "a.h5", ref, dtype="bfloat16")
@@ -117,13 +121,31 @@ def test_the_oracle_rule_passes_the_reference_rounding_and_fails_ten_times_it(tm
     ok, wrong = compare_traces(a, good).results[0], compare_traces(a, bad).results[0]
     tail = small_sample_factor(T * 64, T * 64)  # a non-head name is its own group: B's values and the floor's alike
     expected_bound = FLOOR_FACTOR * tail * (0.01 + ABS_TERM_ULPS * UNIT_ROUNDOFF["bfloat16"])
-    assert oracle_bound(0.01, "bfloat16", T * 64) == pytest.approx(expected_bound)
+    n, ref_err2, truth2 = T * 64, float((ref["layers.0.output"] - oracle).pow(2).sum()), float(oracle.pow(2).sum())
+    rule = allowed_rel_l2(Sums(n, n, ref_err2, 0.0, truth2), dtype="bfloat16")  # the bound judge reports
+    assert rule == pytest.approx(expected_bound) and ok.bound == pytest.approx(rule, rel=1e-12), (ok.bound, rule)
     assert ok.against == "oracle" and ok.floor == pytest.approx(0.01, rel=1e-6), ok
     assert ok.bound == pytest.approx(expected_bound, rel=1e-6), (ok.bound, expected_bound)
     assert ok.passed and ok.floor_ratio == pytest.approx(
         0.012 / tail / (0.01 + UNIT_ROUNDOFF["bfloat16"] * ABS_TERM_ULPS), rel=1e-3
     ), ok
     assert not wrong.passed and wrong.ratio > 1, f"10x the floor must fail: {wrong}"
+
+
+def test_the_bound_judge_reports_is_allowed_rel_l2_of_the_streamed_sums():
+    """Bit for bit: `judge` reports the rule's one coding, for a pooled per-head name and for direct mode alike."""
+    g = torch.Generator().manual_seed(5)
+    oracle = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    a, b = noisy(oracle, 0.01, 6), noisy(oracle, 0.02, 7)
+    name = "layers.0.attention.heads.1.output"
+    stats = accumulate(name, lambda r0, r1: a[r0:r1], lambda r0, r1: b[r0:r1], lambda r0, r1: oracle[r0:r1], (3, 8))
+    group = Floor(error_rms=0.05, truth_rms=1.0, n=96, n_rounded=96)
+    r = judge(stats, dtype_a="bfloat16", dtype_b="float32", group=group)
+    samples = independent_samples(name, stats.positions)  # 1 + 2 + 3 causal probs, not 24 values
+    assert samples == 6 and r.bound == allowed_rel_l2(stats.sums.total(), dtype="bfloat16", group=group, samples=6)
+    stats = accumulate(name, lambda r0, r1: a[r0:r1], lambda r0, r1: b[r0:r1], None, (3, 8))  # B against A
+    direct = judge(stats, dtype_a="float32", dtype_b="float32", rtol=1e-3, atol=0.0)
+    assert direct.bound == allowed_rel_l2(stats.sums.total(), dtype="float32", oracle=False, rtol=1e-3, atol=0.0)
 
 
 def test_without_an_oracle_rtol_and_atol_set_the_bound(tmp_path, base):
@@ -189,114 +211,19 @@ def test_logits_metrics_count_agreement_per_position(tmp_path, base):
     assert m["top5_rate"] == 1.0 and m["kl"][0] == 0.0 and m["kl"][3] > 0, m
 
 
-# ---- end to end: verify on the tiny checkpoints ------------------------------------------------------------------------
-
-
-def test_verify_passes_and_writes_its_report(verified, case):
-    """Every case of the suite (each tiny variant in float32 and bfloat16 by default), traced once per session."""
-    run = verified(case)
-    c = run.comparison
-    worst = max(c["results"], key=lambda r: float(r["ratio"]))
-    assert c["mode"] == "oracle", f"verify must calibrate on the reference's float64 oracle, got mode {c['mode']}"
-    assert c["passed"], f"{case.id}: the correct forward diverged at {c['first_divergence']}"
-    print(f"{case.id}: largest ratio {worst['ratio']:.3f} ({worst['floor_ratio']:.2f}x floor) at {worst['name']}")
-    for f in (
-        "reference.h5",
-        "scratch.h5",
-        "comparison.json",
-        "report.html",
-        "heads.png",
-        "depth.png",
-        "attention.png",
-    ):
-        assert (run.out / f).is_file(), f"verify did not write {f} into {run.out}"
-
-
-def _drop_ffn_norm_weight_in_layer_1(original):
-    def layer_weights(ckpt, layer, dtype, device):
-        w = original(ckpt, layer, dtype, device)
-        if layer == 1:
-            w["ffn_norm"] = torch.ones_like(w["ffn_norm"])
-        return w
-
-    return layer_weights
-
-
-def test_isolated_verify_confines_a_bug_to_its_layer_and_exits_1(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    """A bug in layer 1 only: isolated, layer 2 gets the reference's input and passes; end to end it would not."""
-    from harness import scratch
-
-    monkeypatch.setattr(scratch, "layer_weights", _drop_ffn_norm_weight_in_layer_1(scratch.layer_weights))
-    out = tmp_path / "v"
-    code = main(["verify", str(tiny_checkpoint("3.0")), "--out", str(out), "--dtype", "bfloat16", "--isolated"])
-    assert code == 1, f"a diverging forward must exit 1, got {code}"
-    c = json.loads((out / "comparison.json").read_text())
-    failed = [r["name"] for r in c["results"] if not r["passed"]]
-    assert c["first_divergence"] == "layers.1.ffn_norm", c["first_divergence"]
-    assert all(n.startswith("layers.1.") for n in failed), f"isolated mode let the bug leak out of layer 1: {failed}"
-    assert "layers.1.output" in failed, failed
-    printed = capsys.readouterr().out
-    assert "first divergence: layers.1.ffn_norm" in printed and "next token: reference" in printed, printed
-    # end to end, the same bug drifts into layer 2 and the logits
-    from harness.compare import compare_traces
-    from harness.runner import trace_scratch
-
-    trace_scratch(open_checkpoint(tiny_checkpoint("3.0")), tmp_path / "e2e.h5", dtype="bfloat16")
-    e2e = compare_traces(out / "reference.h5", tmp_path / "e2e.h5")
-    assert not e2e.result("layers.2.output").passed, "without isolation the layer-1 bug should reach layer 2"
-
-
-def test_verify_refuses_an_output_folder_without_a_parent(tiny_checkpoint, tmp_path, capsys):
-    code = main(["verify", str(tiny_checkpoint("3.0")), "--out", str(tmp_path / "missing" / "out")])
-    assert code == 2, f"expected exit 2, got {code}"
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_different_dtypes_without_an_oracle_cannot_be_compared(tiny_checkpoint, tmp_path, capsys):
-    from harness.checkpoint import open_checkpoint
-    from harness.runner import trace_scratch
-
-    ckpt = open_checkpoint(tiny_checkpoint("3.0"))
-    trace_scratch(ckpt, tmp_path / "f32.h5", dtype="float32")
-    trace_scratch(ckpt, tmp_path / "bf16.h5", dtype="bfloat16")
-    assert main(["compare", str(tmp_path / "f32.h5"), str(tmp_path / "bf16.h5")]) == 2
+def test_different_dtypes_without_an_oracle_cannot_be_compared(tmp_path, base, capsys):
+    a = write_trace(tmp_path / "f32.h5", base, dtype="float32")
+    b = write_trace(tmp_path / "bf16.h5", base, dtype="bfloat16")
+    assert main(["compare", str(a), str(b)]) == 2
     err = capsys.readouterr().err
     assert "different dtypes" in err and "f32.h5: float32" in err and len(err.strip().splitlines()) == 1
-
-
-def test_nan_in_the_weights_is_reported_where_it_first_appears(tiny_checkpoint, tmp_path, capsys):
-    """A NaN in layer 1's w2 makes NaN in both implementations from layers.1.feed_forward.output on: exit 1, named."""
-    import shutil
-
-    from harness.checkpoint import load_pth
-
-    src = tiny_checkpoint("3.0")
-    bad = tmp_path / "nan"
-    shutil.copytree(src, bad)
-    sd = dict(load_pth(src / "consolidated.00.pth"))
-    w2 = sd["layers.1.feed_forward.w2.weight"].clone()
-    w2[3, 7] = float("nan")
-    sd["layers.1.feed_forward.w2.weight"] = w2
-    torch.save(sd, bad / "consolidated.00.pth")
-    assert main(["verify", str(bad), "--out", str(tmp_path / "v")]) == 1
-    out = capsys.readouterr().out
-    assert "non-finite values first appear at layers.1.feed_forward.output" in out, out
-
-
-@pytest.mark.parametrize("variant", ["3.0", "3.1"])
-def test_verify_in_float64_passes_under_the_float64_bound(tiny_checkpoint, tmp_path, variant):
-    """float64 on both sides, no oracle needed: RoPE frequencies in float32 as HF's inv_freq, so the two agree to ~1e-15."""
-    from harness.verify import verify
-
-    result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype="float64")
-    assert result.passed and result.comparison.mode == "direct", result.comparison.first_divergence
-    assert max(r.rel_l2 for r in result.comparison.results) < 1e-12
 
 
 def test_sampled_rows_of_a_long_prompt_are_judged_at_their_positions(tmp_path):
     """A long prompt's scores keep sampled rows: a masked and an unmasked recording agree on the causal part of each
     row's own position, a wrong value is found at its position (not its row index)."""
-    from harness.tracing import FULL_SQUARE_MAX_T, sampled_rows
+    from harness.names import FULL_SQUARE_MAX_T
+    from harness.trace_file import sampled_rows
 
     n = FULL_SQUARE_MAX_T + 7
     truth = torch.randn(n, n, dtype=torch.float64)
@@ -320,7 +247,7 @@ def test_sampled_rows_of_a_long_prompt_are_judged_at_their_positions(tmp_path):
     assert not bad.passed and bad.worst_position == rows[40], bad
 
 
-# ---- long prompts: streamed, and judged per block of positions ---------------------------------------------------------
+# ---- long prompts: streamed, and judged per block of positions -------------------------------------------------------
 
 LONG = 4096
 Q = "layers.0.attention.heads.0.q_rotated"
@@ -372,9 +299,9 @@ def test_a_short_prompt_is_one_block(tmp_path, base):
 
 
 def test_compare_reads_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
-    """No read asks for more than CHUNK_ELEMENTS values, and the verdict does not depend on the chunk size."""
-    from harness import compare as compare_module
-    from harness.tracing import Trace
+    """No read asks for more than stream.CHUNK_ELEMENTS values, and the verdict does not depend on the chunk size."""
+    from harness import stream
+    from harness.trace_file import Trace
 
     paths = _long_traces(tmp_path, torch.full((LONG,), 0.012, dtype=torch.float64))
     whole = compare_traces(*paths).result(Q)
@@ -387,7 +314,7 @@ def test_compare_reads_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(Trace, "read_rows", spy)
-    monkeypatch.setattr(compare_module, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 1000)
     chunked = compare_traces(*paths).result(Q)
     assert max(sizes) <= 1000 and len(sizes) > 3 * LONG * 16 // 1000, (max(sizes), len(sizes))
     assert chunked.rel_l2 == pytest.approx(whole.rel_l2, rel=1e-12) and chunked.ratio == pytest.approx(

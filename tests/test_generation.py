@@ -1,4 +1,5 @@
-"""Generation: a prefill and decode steps with a KV cache, verified step by step (`steps.{s}.NAME`) against Hugging Face.
+"""Generation: a prefill and decode steps with a KV cache, verified step by step (`steps.{s}.NAME`) against Hugging
+Face.
 
 The catalogue below holds the KV-cache bugs other projects' threads report, applied to the scratch forward's cache
 functions; each must fail at its own step and name, in float32 and bfloat16. A bug that changes a cached tensor's
@@ -9,8 +10,8 @@ tokens to every mutant).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +19,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import names, scratch
+from harness import names, reference, scratch
 from harness.checkpoint import open_checkpoint
 from harness.cli import main
 from harness.compare import compare_traces
-from harness.errors import HarnessError
-from harness.generation import generated_tokens
-from harness.implementation import builtin, resolve
-from harness.runner import make_run, trace
-from harness.tracing import load_trace
+from harness.generation import generated_tokens, trace_generation
+from harness.implementation import builtin, decoder, resolve
+from harness.run import make_run
+from harness.trace_file import load_trace
 from harness.verify import verify
+from tests.helpers import GENERATION_STEPS, assert_passes, first_failure
 
 DTYPES = ("float32", "bfloat16")
-STEPS = 3
+STEPS = GENERATION_STEPS  # the decode steps of conftest.py's `generation_references`, the reference traced once
 HEAD0 = "layers.0.attention.heads.0"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "my_llama.py"
 
@@ -148,57 +149,23 @@ def XDIST_GROUP(item) -> str:
     return "generation"
 
 
-@pytest.fixture(scope="session")
-def references(tiny_checkpoint, tmp_path_factory):
-    """The reference's generation (greedy, with its float64 oracle) per dtype, traced once."""
-    folder = tmp_path_factory.mktemp("generation")
-    ckpt = open_checkpoint(tiny_checkpoint("3.0"))
-    out = {}
-    for dtype in DTYPES:
-        run = make_run(ckpt, dtype=dtype, generate=STEPS)
-        trace(run, builtin("reference"), folder / f"reference-{dtype}.h5")
-        out[dtype] = (run, folder / f"reference-{dtype}.h5")
-    return out
-
-
-def assert_passes(comparison, what: str, results=None) -> None:
-    """Every name passes: the prefill, each decode step (one query row per head, pooled with the step's heads and held
-    to the floor its scores and the cache's values imply) and the cache check. `results`: NameResults to check instead
-    of `comparison`'s (e.g. a verify's comparison and cache check together)."""
-    failed = [r for r in (comparison.results if results is None else results) if not r.passed]
-    assert not failed, (
-        f"{what}: {len(failed)} names fail, first {failed[0].name} at {failed[0].ratio:.3g}x the bound "
-        f"(rel_l2 {failed[0].rel_l2:.3g}, floor {failed[0].floor})"
-    )
-
-
-def first_failure(run, reference: Path, out: Path, impl="scratch") -> tuple[str | None, str]:
-    """(name, how): the first name the implementation fails at, by the shape check or the comparison."""
-    try:
-        with load_trace(reference) as ref:
-            trace(run, resolve(impl), out, reference=ref)
-    except HarnessError as e:
-        m = re.search(r"recorded '([^']+)' with shape", str(e))
-        return (m[1] if m else None), str(e)
-    c = compare_traces(reference, out)
-    return c.first_divergence, "comparison"
-
-
 # ---- the specification --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_unmutated_scratch_passes_every_step(references, dtype, tmp_path):
-    run, reference = references[dtype]
+def test_unmutated_scratch_passes_every_step(generation_references, dtype, tmp_path):
+    run, reference = generation_references[dtype]
     first, how = first_failure(run, reference, tmp_path / "scratch.h5")
     assert how == "comparison", how
     assert_passes(compare_traces(reference, tmp_path / "scratch.h5"), f"scratch {dtype}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mutant", CATALOGUE, ids=[m.id for m in CATALOGUE])
-def test_mutant_fails_at_its_step_and_name(references, mutant, dtype, tmp_path, monkeypatch):
-    run, reference = references[dtype]
+def test_mutant_fails_at_its_step_and_name(generation_references, mutant, dtype, tmp_path, monkeypatch):
+    run, reference = generation_references[dtype]
     monkeypatch.setattr(scratch, mutant.target, mutant.make(getattr(scratch, mutant.target)))
     first, how = first_failure(run, reference, tmp_path / "mutant.h5")
     assert first == mutant.first, f"{mutant.bug} ({dtype}): first failure {first} ({how}), expected {mutant.first}"
@@ -217,9 +184,10 @@ def test_step_names_are_step_major_in_forward_order():
     assert names.axes("steps.1.layers.0.attention.heads.0.scores") == ("T", "K")
 
 
-def test_step_shapes(references):
+@pytest.mark.slow
+def test_step_shapes(generation_references):
     """Prefill: per-head q [P, hd], scores [P, P]; decode step s: q [1, hd], cache_k [P + s, hd], scores [1, P + s]."""
-    run, reference = references["float32"]
+    run, reference = generation_references["float32"]
     P, hd = len(run.tokens), run.checkpoint.config.head_dim
     with load_trace(reference) as t:
         assert t.shape("tokens") == (P + STEPS,)
@@ -234,6 +202,7 @@ def test_step_shapes(references):
         assert {n.removeprefix("_oracle.") for n in t.extra_names} == set(t.names) - {"tokens"} | {"_generated"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["3.0", "3.1", "3.2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_verify_generate_passes_with_per_step_results(tiny_checkpoint, variant, dtype, tmp_path):
@@ -248,6 +217,7 @@ def test_verify_generate_passes_with_per_step_results(tiny_checkpoint, variant, 
     assert_passes(None, f"{variant} {dtype}", result.comparison.results + result.cache_check)
 
 
+@pytest.mark.slow
 def test_cache_against_no_cache_catches_a_cache_only_bug(tiny_checkpoint, tmp_path, monkeypatch):
     """Positions restarting at 0 in decode steps: the no-cache forward (positions 0 .. P + N - 1) disagrees."""
     monkeypatch.setattr(
@@ -258,6 +228,7 @@ def test_cache_against_no_cache_catches_a_cache_only_bug(tiny_checkpoint, tmp_pa
     assert [r.name for r in result.cache_check if not r.passed][0] == f"steps.1.{HEAD0}.q_rotated"
 
 
+@pytest.mark.slow
 def test_example_with_its_cache_passes_through_impl(tiny_checkpoint, tmp_path):
     results = {}
     for dtype in DTYPES:
@@ -289,7 +260,7 @@ def _no_decode(checkpoint, tokens, *, dtype, device):
     [
         (["--generate", "-1"], "0 or more"),
         (["--generate", "2", "--isolated"], "--isolated with --generate"),
-        (["--generate", "2", "--impl", f"{__file__}:_no_decode"], "start_pos"),
+        pytest.param(["--generate", "2", "--impl", f"{__file__}:_no_decode"], "start_pos", marks=pytest.mark.slow),
     ],
 )
 def test_bad_generate_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, args, message):
@@ -298,3 +269,51 @@ def test_bad_generate_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+# ---- the decode contract's `cache`: the implementation's own, nothing of the harness's -----------------------------
+
+
+def test_a_functions_cache_holds_only_what_it_put_there(tiny_checkpoint, tmp_path):
+    """The same dict at every step, empty at the prefill; the scratch forward keeps its per-layer keys and values."""
+    seen = []
+
+    def mine(checkpoint, tokens, *, dtype, device, start_pos=0, cache=None):
+        seen.append((start_pos, id(cache), set(cache)))
+        return scratch.forward(checkpoint, tokens, dtype=dtype, device=device, start_pos=start_pos, cache=cache)
+
+    run = make_run(tiny_checkpoint("3.0"), generate=2, names=["logits"])  # few datasets written: a fast test
+    trace_generation(run, resolve(mine), tmp_path / "t.h5")
+    own = {f"layers.{layer}.{kv}" for layer in range(run.checkpoint.config.n_layers) for kv in "kv"}
+    assert [s for s, _, _ in seen] == [0, len(run.tokens), len(run.tokens) + 1] and len({i for _, i, _ in seen}) == 1
+    assert [keys for _, _, keys in seen] == [set(), own, own]
+
+
+def test_an_adapters_module_lives_in_its_generation_not_in_the_cache(tiny_checkpoint, tmp_path):
+    """The module is built once per generation (at the prefill); `run_step` gets the cache with its own state only."""
+    built, caches = [], []
+
+    def build(checkpoint, dtype, device):
+        built.append(dtype)
+        return reference.build_model(checkpoint, dtype, device)
+
+    def run_step(module, tokens, start_pos, cache):
+        caches.append(set(cache))
+        return reference.HUGGING_FACE.run_step(module, tokens, start_pos, cache)
+
+    adapter = dataclasses.replace(reference.HUGGING_FACE, build=build, run_step=run_step)
+    run = make_run(tiny_checkpoint("3.0"), generate=1, names=["logits"])
+    for out in ("a.h5", "b.h5"):
+        trace_generation(run, resolve(adapter), tmp_path / out)
+    assert len(built) == 2 and caches == [set(), {"past_key_values"}] * 2
+
+
+def test_the_references_caches_live_in_its_decode_step(tiny_checkpoint):
+    """HF's DynamicCache and the oracle's stay in the step `decoder` made; the contract's `cache` stays empty."""
+    ckpt = open_checkpoint(tiny_checkpoint("3.0"))
+    decode, cache = decoder(builtin("reference", oracle=False)), {}
+    tokens = torch.tensor([ckpt.config.vocab_size - 256, 5, 6])
+    prefill = decode(ckpt, tokens, dtype=torch.float32, device="cpu", start_pos=0, cache=cache)
+    step = decode(ckpt, tokens[:1], dtype=torch.float32, device="cpu", start_pos=3, cache=cache)
+    assert prefill.shape == (3, ckpt.config.vocab_size) and step.shape == (1, ckpt.config.vocab_size)
+    assert cache == {}

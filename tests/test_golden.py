@@ -6,7 +6,6 @@ golden/ changes only through `python -m harness golden --update`; this test neve
 from __future__ import annotations
 
 import pytest
-from filelock import FileLock
 
 from harness import golden
 from harness.report import summary_line
@@ -15,16 +14,14 @@ PROMPT, ENTRIES = golden.read_recipe()
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e.id for e in ENTRIES])
-def test_golden(entry, shared_dir):
-    work = shared_dir / "golden-today"
-    work.mkdir(exist_ok=True)
-    with FileLock(str(work / f".{entry.id}.lock")):
-        comparison = golden.check_entry(entry, work, tiny_root=shared_dir / "tiny")
+def test_golden(entry, tmp_path):
+    comparison = golden.check_entry(entry, tmp_path)  # today's trace and its tiny checkpoint made under tmp_path
     if not comparison.passed:
         first = comparison.result(comparison.first_divergence)
         pytest.fail(
             f"{entry.id}: the forward's numbers changed since golden/{entry.file} was written\n"
-            f"  first divergence: {comparison.first_divergence} (rel_l2 {first.rel_l2:.3g} vs bound {first.bound:.3g})\n"
+            f"  first divergence: {comparison.first_divergence} "
+            f"(rel_l2 {first.rel_l2:.3g} vs bound {first.bound:.3g})\n"
             f"  {summary_line(comparison)}\n"
             f"  if the change is intended: python -m harness golden --update (and commit golden/)",
             pytrace=False,

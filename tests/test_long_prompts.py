@@ -6,8 +6,6 @@ The prompts are just past FULL_SQUARE_MAX_T (1024) tokens on the tiny checkpoint
 
 from __future__ import annotations
 
-import sys
-
 import h5py
 import pytest
 import torch
@@ -16,7 +14,8 @@ import harness
 from harness import hf_layout, reference, scratch
 from harness.checkpoint import open_checkpoint
 from harness.errors import HarnessError
-from harness.tracing import FULL_SQUARE_MAX_T, SAMPLED_ROWS, Rows, kept_rows, sampled_rows
+from harness.names import FULL_SQUARE_MAX_T, SAMPLED_ROWS
+from harness.trace_file import Rows, kept_rows, sampled_rows
 
 T = FULL_SQUARE_MAX_T + 77  # past the bound, and not a multiple of any block below
 
@@ -53,19 +52,19 @@ def float64_frequencies(monkeypatch):
     monkeypatch.setattr(scratch, "rope_frequencies", frequencies)
 
 
+@pytest.mark.slow  # the float64 oracle
 @pytest.mark.parametrize("block_rows", [None, 100], ids=["one-block", "blocks-of-100"])
 def test_the_blocked_oracle_records_what_whole_tensors_give(
     tiny_checkpoint, tmp_path, monkeypatch, float64_frequencies, block_rows
 ):
     """The float64 oracle a block of query rows at a time records exactly what the float64 scratch forward, which holds
     every head's [T, T] whole, records: the same names, the same sampled rows (`rows`, `full_shape`), the same values
-    to float64 rounding. Logits bounded as well (FULL_LOGITS_MAX_ELEMENTS lowered so that a tiny vocabulary crosses it)."""
+    to float64 rounding. Logits bounded as well (FULL_LOGITS_MAX_ELEMENTS lowered so that a tiny vocabulary crosses
+    it)."""
     ckpt = open_checkpoint(tiny_checkpoint("3.1"))
     if block_rows is not None:
         monkeypatch.setattr(reference, "ORACLE_BLOCK_ELEMENTS", block_rows * ckpt.config.n_heads * T)
-    monkeypatch.setattr(
-        sys.modules["harness.tracing"], "FULL_LOGITS_MAX_ELEMENTS", 1 << 16
-    )  # `harness.tracing` is the function
+    monkeypatch.setattr(harness.names, "FULL_LOGITS_MAX_ELEMENTS", 1 << 16)  # read at call time
     ids, names = prompt_ids(ckpt, T), ["layers.2.*", "logits"]  # the last layer: after every block of the others
     with harness.tracing(tmp_path / "oracle.h5", names=names), torch.inference_mode():
         reference.run_oracle(ckpt, ids, prefix="")
@@ -84,6 +83,7 @@ def test_the_blocked_oracle_records_what_whole_tensors_give(
         torch.testing.assert_close(oracle[name][0], values, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow  # the float64 oracle
 def test_no_float64_softmax_holds_every_row(tiny_checkpoint, monkeypatch):
     """The oracle's softmax sees one block of query rows at a time, never a [1, H, T, T] float64 (4 GiB for the tiny
     model at 8192 tokens, three of them held at once before the blocks)."""

@@ -10,11 +10,11 @@ import dataclasses
 import pytest
 import torch
 
-from harness import adapter, hf_layout, load_trace, reference, scratch
+from harness import adapter, hf_layout, load_trace, names, reference, scratch
 from harness.checkpoint import open_checkpoint
 from harness.compare import rel_l2
 from harness.reference import build_model
-from harness.runner import trace_reference, trace_scratch
+from harness.run import trace_reference, trace_scratch
 
 CASES = [(v, f) for v in ("3.0", "3.1", "3.2") for f in ("meta", "hf")]
 REL_L2 = 1e-5  # compare.py's float32 bound; measured worst 2.8e-6
@@ -34,22 +34,11 @@ def assert_agrees(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return err
 
 
-@pytest.fixture(scope="module")
-def float32_traces(tiny_checkpoint, tmp_path_factory):
-    out = {}
-    for variant, fmt in CASES:
-        ckpt = open_checkpoint(tiny_checkpoint(variant, fmt))
-        folder = tmp_path_factory.mktemp(f"ref-{variant}-{fmt}")
-        trace_reference(ckpt, folder / "reference.h5", dtype="float32", oracle=False)
-        trace_scratch(ckpt, folder / "scratch.h5", dtype="float32")
-        out[variant, fmt] = folder
-    return out
-
-
 @pytest.mark.parametrize("variant, fmt", CASES)
-def test_reference_matches_scratch_within_float32_rounding(float32_traces, variant, fmt):
-    ref, mine = (load_trace(float32_traces[variant, fmt] / f) for f in ("reference.h5", "scratch.h5"))
-    assert ref.names == mine.names and len(ref.names) > 100
+def test_reference_matches_scratch_within_float32_rounding(tiny_checkpoint, traced_pair, variant, fmt):
+    c = open_checkpoint(tiny_checkpoint(variant, fmt)).config
+    ref, mine = (load_trace(p) for p in traced_pair(variant, "float32", oracle=False, fmt=fmt))
+    assert ref.names == mine.names == list(names.canonical_names(c.n_layers, c.n_heads))
     assert ref.attrs["implementation"] == "reference" and ref.tokens == mine.tokens
     worst, where = 0.0, None
     for name in ref.names[1:]:  # after "tokens"
@@ -62,7 +51,8 @@ def test_reference_matches_scratch_within_float32_rounding(float32_traces, varia
 
 @pytest.mark.parametrize("variant", ["3.0", "3.2"])
 def test_built_from_meta_is_the_model_from_pretrained_gives(tiny_checkpoint, tmp_path, variant):
-    """The meta-device build (assigned tensors, recomputed rotary buffers, tied head) is bit-identical to from_pretrained."""
+    """The meta-device build (assigned tensors, recomputed rotary buffers, tied head) is bit-identical to
+    from_pretrained."""
     for fmt in ("meta", "hf"):
         trace_reference(
             open_checkpoint(tiny_checkpoint(variant, fmt)), tmp_path / f"{fmt}.h5", dtype="bfloat16", oracle=False
@@ -85,6 +75,7 @@ def test_built_from_meta_shares_the_checkpoint_memory(tiny_checkpoint):
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
+@pytest.mark.slow
 def test_reference_trace_holds_a_float64_oracle(tiny_checkpoint, tmp_path):
     ckpt = open_checkpoint(tiny_checkpoint("3.0"))
     trace_reference(ckpt, tmp_path / "r.h5", dtype="bfloat16")
@@ -95,6 +86,7 @@ def test_reference_trace_holds_a_float64_oracle(tiny_checkpoint, tmp_path):
     assert trace.attrs["oracle"].startswith("float64")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["3.1", "3.2"])
 def test_the_oracle_is_float64_exact(tiny_checkpoint, tmp_path, monkeypatch, variant):
     """The oracle against the float64 scratch forward given HF's own frequencies: float64 rounding apart (measured
@@ -114,6 +106,7 @@ def test_the_oracle_is_float64_exact(tiny_checkpoint, tmp_path, monkeypatch, var
         )
 
 
+@pytest.mark.slow
 def test_name_globs_filter_the_oracle_too(tiny_checkpoint, tmp_path):
     ckpt = open_checkpoint(tiny_checkpoint("3.0"))
     trace_reference(ckpt, tmp_path / "r.h5", dtype="bfloat16", names=["layers.1.attention.heads.5.*", "logits"])

@@ -1,27 +1,35 @@
 """The from-scratch forward: every canonical name with its shape, float32 against float64, determinism."""
 
+from pathlib import Path
+
 import h5py
 import pytest
 import torch
 
 from harness import load_trace, names
 from harness.checkpoint import open_checkpoint
-from harness.runner import DEFAULT_PROMPT, prompt_tokens, trace_scratch
+from harness.run import DEFAULT_PROMPT, prompt_tokens, trace_scratch
+from tests.helpers import compute_once
 
 VARIANTS = ["3.0", "3.1", "3.2"]
 
 
-@pytest.fixture(scope="module")
-def traces(tiny_checkpoint, tmp_path_factory):
-    """float32 and float64 scratch traces of each variant on the default prompt."""
-    out = {}
-    for variant in VARIANTS:
-        ckpt = open_checkpoint(tiny_checkpoint(variant))
-        for dtype in ("float32", "float64"):
-            path = tmp_path_factory.mktemp("scratch") / f"{variant}-{dtype}.h5"
-            trace_scratch(ckpt, path, dtype=dtype)
-            out[variant, dtype] = path
-    return out
+@pytest.fixture(scope="session")
+def traces(tiny_checkpoint, tmp_path_factory, worker_id):
+    """{(variant, dtype): path}: float32 and float64 scratch traces of each variant on the default prompt, traced once
+    per session (tests/helpers.py `compute_once`)."""
+
+    def compute(folder):
+        out = {}
+        for variant in VARIANTS:
+            ckpt = open_checkpoint(tiny_checkpoint(variant))
+            for dtype in ("float32", "float64"):
+                out[f"{variant}-{dtype}"] = str(folder / f"{variant}-{dtype}.h5")
+                trace_scratch(ckpt, out[f"{variant}-{dtype}"], dtype=dtype)
+        return out
+
+    paths = compute_once(tmp_path_factory, worker_id, "scratch-traces", compute)
+    return {tuple(key.split("-")): Path(path) for key, path in paths.items()}  # ("3.0", "float32"): path
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,4 +1,4 @@
-"""The tiny checkpoints are *sensitive*: every bug of the mutation catalogue changes the next-token prediction.
+"""The tiny checkpoints are *sensitive*: every bug of tests/mutants.py FORWARD changes the next-token prediction.
 
 This is how the weight scales of harness/tiny.py were checked: with random weights at the usual 0.02 scale many of
 these bugs hide under rounding; with the tiny checkpoints' scales each one moves the predicted token.
@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_mutations import CATALOGUE
 
 from harness import scratch
 from harness.checkpoint import open_checkpoint
-from harness.runner import DEFAULT_PROMPT, prompt_tokens
+from harness.run import DEFAULT_PROMPT, prompt_tokens
+from tests.mutants import FORWARD
 
 # Bugs the next token cannot show on a 17-token prompt; compare catches each at its own name (tests/test_mutations.py).
 INVISIBLE = {
     "positions_from_1": "RoPE is relative: shifting every position by one leaves every score unchanged",
     "gelu": "GELU and SiLU differ by under 0.1 over the gate's range; too little to move the token here",
 }
-VISIBLE = [m for m in CATALOGUE if m.id not in INVISIBLE]
+VISIBLE = [m for m in FORWARD if m.id not in INVISIBLE]
 
 
 def next_token(ckpt, dtype=torch.float32) -> int:
@@ -32,8 +32,7 @@ def next_token(ckpt, dtype=torch.float32) -> int:
 def test_every_bug_changes_the_next_token(tiny_checkpoint, monkeypatch, mutant, variant):
     ckpt = open_checkpoint(tiny_checkpoint(variant))
     correct = next_token(ckpt)
-    original = getattr(scratch, mutant.target)
-    monkeypatch.setattr(scratch, mutant.target, mutant.make(original, ckpt.config))
+    mutant.apply(monkeypatch, ckpt.config)
     mutated = next_token(ckpt)
     assert mutated != correct, f"{mutant.bug}: next token still {correct} on tiny {variant}"
 
@@ -42,8 +41,8 @@ def test_invisible_bugs_are_the_stated_ones(tiny_checkpoint, monkeypatch):
     """The exceptions above are still exceptions: if one starts moving the token, move it back into VISIBLE."""
     ckpt = open_checkpoint(tiny_checkpoint("3.0"))
     correct = next_token(ckpt)
-    for mutant in CATALOGUE:
+    for mutant in FORWARD:
         if mutant.id in INVISIBLE:
             with monkeypatch.context() as m:
-                m.setattr(scratch, mutant.target, mutant.make(getattr(scratch, mutant.target), ckpt.config))
+                mutant.apply(m, ckpt.config)
                 assert next_token(ckpt) == correct, f"{mutant.id} now changes the next token: list it as visible"

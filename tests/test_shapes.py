@@ -59,6 +59,7 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, ca
     assert not (tmp_path / "v").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_verify_on_cuda(tiny_checkpoint, tmp_path, dtype):

@@ -8,12 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from harness.names import HEAD_NAMES, LAYER_NAMES
+
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.slow  # each test runs pytest in a subprocess, and the suite there runs verify
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "my_llama.py"
 
-# Loaded with `-p` into the inner run: every layer's scores are scaled by 1/(1.25 sqrt(head_dim)) instead of 1/sqrt(head_dim).
+# Loaded with `-p` into the inner run: every layer's scores divided by 1.25 sqrt(head_dim) instead of sqrt(head_dim).
 MUTATION = """
 import harness.scratch as scratch
 
@@ -21,8 +26,24 @@ scratch.score_scale = lambda config: 1.25 * config.head_dim ** 0.5
 """
 
 
+def outcomes(lines: list[str]) -> dict[str, str]:
+    """Test name ("test_head[layer1-head3-probs]") -> PASSED, FAILED or ERROR, read from the `-rA` short summary."""
+    found = {}
+    for line in lines:
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "ERROR"):
+            found[rest.split(" - ")[0].split("::")[-1]] = word
+    return found
+
+
+def suite_ids(n_layers: int, n_heads: int, case: str) -> list[str]:
+    """The test ids of the layer x head suite (harness/suite.py) for one case (a dtype) on a checkpoint of that size."""
+    heads = [f"test_head[layer{i}-head{h}-{p}]" for i in range(n_layers) for h in range(n_heads) for p in HEAD_NAMES]
+    layers = [f"test_layer[layer{i}-{p}]" for i in range(n_layers) for p in LAYER_NAMES if p != "heads"]
+    return heads + layers + [f"test_{t}[{case}]" for t in ("embeddings", "final_norm", "logits", "next_token")]
+
+
 def test_changed_forward_turns_golden_and_matching_tests_red(pytester):
-    shutil.copy(ROOT / "conftest.py", pytester.path / "conftest.py")
     shutil.copy(ROOT / "tests" / "test_golden.py", pytester.path / "test_golden.py")
     pytester.makepyfile(mutate_forward=MUTATION)
     selected = (
@@ -36,6 +57,7 @@ def test_changed_forward_turns_golden_and_matching_tests_red(pytester):
         "no:cacheprovider",
         "-n",
         "0",
+        "-rA",
         "-k",
         selected,
         "--llama3-impl",
@@ -43,14 +65,14 @@ def test_changed_forward_turns_golden_and_matching_tests_red(pytester):
         "--llama3-dtype",
         "float32,bfloat16",
     )
-    result.assert_outcomes(passed=1, failed=3)
     out = result.stdout.str()
-    for red in (
-        "test_golden[tiny-3.0-seed0-float32]",
-        "test_head[tiny3.0-float32-layer0-head2-scores]",
-        "test_layer[tiny3.0-float32-layer1-output]",
-    ):
-        assert f"FAILED {red}" in out or f"FAILED test_golden.py::{red}" in out or red in out, f"{red} not red:\n{out}"
+    assert outcomes(result.stdout.lines) == {
+        "test_golden[tiny-3.0-seed0-float32]": "FAILED",
+        "test_head[tiny3.0-float32-layer0-head2-scores]": "FAILED",
+        "test_head[tiny3.0-float32-layer0-head2-q_rotated]": "PASSED",
+        "test_layer[tiny3.0-float32-layer1-output]": "FAILED",
+    }, out
+    result.assert_outcomes(passed=1, failed=3)
     assert "first divergence: layers.0.attention.heads.0.scores" in out, out
     assert "first divergence in the whole trace: layers.0.attention.heads.0.scores" in out, out
 
@@ -77,7 +99,7 @@ def test_plugin_runs_the_suite_for_a_users_file_with_no_test_files(pytester, tmp
         "no:cacheprovider",
         "-n",
         "0",
-        "-v",
+        "-rA",
         "--llama3-impl",
         "my_llama.py:forward",
         "--llama3-checkpoint",
@@ -86,11 +108,11 @@ def test_plugin_runs_the_suite_for_a_users_file_with_no_test_files(pytester, tmp
         "bfloat16",
     )
     out = result.stdout.str()
-    # 2 layers x 4 heads x 8 names + 2 x 9 layer names + embeddings, final norm, logits, next token
-    result.assert_outcomes(passed=2 * 4 * 8 + 2 * 9 + 4)
-    assert "test_head[layer1-head3-q_rotated] PASSED" in out and "test_layer[layer1-ffn_norm] PASSED" in out, out
+    expected = suite_ids(2, 4, "bfloat16")  # 2 layers x 4 heads x 8 names, 2 x 9 layer names and 4 for the model
+    assert len(expected) == 2 * 4 * 8 + 2 * 9 + 4
+    assert outcomes(result.stdout.lines) == dict.fromkeys(expected, "PASSED"), out
+    result.assert_outcomes(passed=len(expected))
     assert "my_llama.py:forward against Hugging Face" in out, out
-    assert "layer2" not in out and "head4" not in out, "ids beyond the checkpoint's 2 layers x 4 heads"
     assert sorted(p.name for p in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"], (
         "pytest wrote into the checkpoint directory (taken for its rootdir?)"
     )
@@ -111,6 +133,7 @@ def test_plugin_turns_red_at_the_layer_and_head_of_a_bug(pytester, tmp_path):
         "no:cacheprovider",
         "-n",
         "0",
+        "-rA",
         "--llama3-impl",
         "my_llama.py:forward",
         "--llama3-checkpoint",
@@ -120,9 +143,13 @@ def test_plugin_turns_red_at_the_layer_and_head_of_a_bug(pytester, tmp_path):
         "--llama3-isolated",
     )
     out = result.stdout.str()
-    failed = sorted(line.split("::")[-1].split(" ")[0] for line in out.splitlines() if line.startswith("FAILED"))
-    assert failed and all(name.startswith("test_head[layer1-head2-") for name in failed[:3]), out
-    assert "test_head[layer1-head2-scores]" in failed and not any("layer0" in f for f in failed), failed
+    # red: head 2's scores and what follows from them in that head, then every later name of layer 1; isolated, the
+    # final norm gets the reference's input, so nothing after layer 1 is red
+    after_heads = LAYER_NAMES[LAYER_NAMES.index("heads") + 1 :]
+    red = [f"test_head[layer1-head2-{p}]" for p in ("scores", "probs", "output")]
+    red += [f"test_layer[layer1-{p}]" for p in after_heads]
+    expected = {name: "FAILED" if name in red else "PASSED" for name in suite_ids(2, 4, "float32")}
+    assert outcomes(result.stdout.lines) == expected, out
     assert (
         "diverges in my_llama.py:forward" in out
         and "first divergence in the whole trace: layers.1.attention.heads.2.scores" in out
@@ -147,6 +174,7 @@ def test_repo_suite_takes_a_checkpoint_outside_the_repo_with_a_space(tmp_path):
             str(ckpt),
             "--dtype",
             "bfloat16",
+            "-rA",
             "-k",
             "test_head and layer1-head3-probs or test_next_token",
         ],
@@ -156,12 +184,13 @@ def test_repo_suite_takes_a_checkpoint_outside_the_repo_with_a_space(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 passed" in result.stdout, result.stdout[-3000:]
+    passed = {"test_head[layer1-head3-probs]": "PASSED", "test_next_token[bfloat16]": "PASSED"}
+    assert outcomes(result.stdout.splitlines()) == passed, result.stdout[-3000:]
     assert f"rootdir: {ROOT}" in result.stdout, result.stdout[:2000]
 
 
 def test_plugin_generate_parametrizes_by_step(pytester, tmp_path):
-    """--llama3-generate N: the head and layer tests of every step (step0 the prefill), the example with its KV cache."""
+    """--llama3-generate N: head and layer tests for every step (step0: the prefill), the example with its KV cache."""
     ckpt = _unseen_checkpoint(tmp_path)
     shutil.copy(EXAMPLE, pytester.path / "my_llama.py")
     result = pytester.runpytest_subprocess(
@@ -169,7 +198,7 @@ def test_plugin_generate_parametrizes_by_step(pytester, tmp_path):
         "no:cacheprovider",
         "-n",
         "0",
-        "-v",
+        "-rA",
         "--llama3-impl",
         "my_llama.py:forward",
         "--llama3-checkpoint",
@@ -181,8 +210,10 @@ def test_plugin_generate_parametrizes_by_step(pytester, tmp_path):
         "-k",
         "step2-layer1-head3 or step0-layer0-output or next_token",
     )
-    out = result.stdout.str()
+    parts = [*HEAD_NAMES[:5], "cache_k", "cache_v", *HEAD_NAMES[5:]]  # a decode step's head attends over its cache
+    expected = [f"test_head[step2-layer1-head3-{p}]" for p in parts] + [
+        "test_layer[step0-layer0-output]",
+        "test_next_token[float32]",
+    ]
+    assert outcomes(result.stdout.lines) == dict.fromkeys(expected, "PASSED"), result.stdout.str()
     result.assert_outcomes(passed=10 + 1 + 1)  # 10 head names (cache_k/cache_v included), one layer name, next token
-    assert "test_head[step2-layer1-head3-cache_k] PASSED" in out and "test_layer[step0-layer0-output] PASSED" in out, (
-        out
-    )

@@ -5,7 +5,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from harness.errors import HarnessError
-from harness.runner import DEFAULT_PROMPT
+from harness.run import DEFAULT_PROMPT
 from harness.tokenizer import PAT_STR, SPECIAL_TOKENS, encode_prompt, load_tokenizer, read_tokenizer_model
 
 TEXTS = [DEFAULT_PROMPT, "Hello, world! It's 2026.", "café naïve — 東京 🎉", "12345678 spaces   and\n\nnewlines", ""]
@@ -49,10 +49,14 @@ def test_special_token_text_becomes_the_special_token(tiny_checkpoint):
     assert encode_prompt(enc, "a<|eot_id|>")[-1] == enc.encode_single_token("<|eot_id|>")
 
 
-def test_default_prompt_tokenizes_like_the_notebook_short_sequence(tiny_checkpoint):
-    enc = load_tokenizer(tiny_checkpoint("3.0") / "tokenizer.model")
+@pytest.mark.parametrize("variant", ["3.0", "3.1", "3.2"])
+def test_default_prompt_is_the_17_tokens_the_readme_shows(tiny_checkpoint, variant):
+    """README's `verify` output says "prompt: 17 tokens": <|begin_of_text|> (512) and 16 BPE tokens of the tiny
+    tokenizer, trained on text containing the prompt (the ids measured here, the same for every variant)."""
+    enc = load_tokenizer(tiny_checkpoint(variant) / "tokenizer.model")
     tokens = encode_prompt(enc, DEFAULT_PROMPT)
-    assert 10 <= len(tokens) <= 40, len(tokens)  # the tiny BPE was trained on text containing the prompt
+    assert tokens == [512, 300, 293, 275, 260, 382, 284, 277, 327, 44, 260, 331, 44, 278, 335, 271, 32]
+    assert len(tokens) == 17 and enc.decode(tokens[1:]) == DEFAULT_PROMPT
 
 
 def _shifted_ranks(path):

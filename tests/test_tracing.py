@@ -1,16 +1,96 @@
-"""The recording API and HDF5 layout: names to paths, dtypes, metadata, filters, atomic writes."""
+"""The recording API (harness/recording.py: the open trace in a context variable, generation steps) and the HDF5 layout
+(harness/trace_file.py): names to paths, dtypes, metadata, filters, atomic writes."""
+
+import contextvars
+import importlib.util
 
 import h5py
 import pytest
 import torch
 
 import harness
+from harness import Rows, Trace, is_tracing, layer_input, load_trace, record, step, tracing
 from harness.errors import HarnessError
+from harness.names import FULL_SQUARE_MAX_T, SAMPLED_ROWS
+from harness.recording import record_calls, recorded
+from harness.trace_file import COMPRESS_MIN_BYTES
 
 
 def test_record_outside_tracing_is_a_no_op(tmp_path):
     harness.record("embeddings", torch.ones(2))  # nothing open: nothing happens
     assert not harness.is_tracing() and list(tmp_path.iterdir()) == []
+
+
+def test_the_public_names_and_tracing_is_only_the_function():
+    """`harness.tracing` is the context manager, no module shadowed by it (the format is harness.trace_file)."""
+    assert (tracing, record, step, is_tracing, layer_input) == (
+        harness.tracing,
+        harness.record,
+        harness.step,
+        harness.is_tracing,
+        harness.layer_input,
+    )
+    assert (Rows, Trace, load_trace) == (harness.Rows, harness.Trace, harness.load_trace)
+    assert callable(harness.tracing) and importlib.util.find_spec("harness.tracing") is None
+
+
+def test_the_open_trace_is_scoped_to_its_context(tmp_path):
+    """The recorder lives in a context variable: a fresh context (a thread's, unless it copies the context) sees no
+    open trace, and records made there are no-ops; the block's own context sees it until the block ends."""
+    with tracing(tmp_path / "t.h5"):
+        assert is_tracing() and not contextvars.Context().run(is_tracing)
+        contextvars.Context().run(record, "embeddings", torch.ones(1, 2))
+        record("norm", torch.ones(1))
+        assert record_calls() == 1
+    assert not is_tracing() and load_trace(tmp_path / "t.h5").names == ["norm"]
+
+
+def test_step_puts_names_and_extras_in_the_step(tmp_path):
+    """`with harness.step(s):` records NAME as steps.{s}.NAME and an extra `_oracle.NAME` as `_oracle.steps.{s}.NAME`;
+    `recorded` asks in the step; names outside any step stay as they are."""
+    with tracing(tmp_path / "t.h5"):
+        record("tokens", torch.tensor([1, 2]))
+        with step(2):
+            record("layers.0.attention.heads.1.q", torch.ones(1, 4))
+            record("_oracle.layers.0.attention.heads.1.q", torch.ones(1, 4).double())
+            assert recorded("layers.0.attention.heads.1.q") and not recorded("logits")
+        assert recorded("steps.2.layers.0.attention.heads.1.q") and not recorded("layers.0.attention.heads.1.q")
+        with step(0):
+            record("logits", torch.zeros(2, 3))
+    trace = load_trace(tmp_path / "t.h5")
+    assert trace.names == ["tokens", "steps.0.logits", "steps.2.layers.0.attention.heads.1.q"]
+    assert trace.extra_names == ["_oracle.steps.2.layers.0.attention.heads.1.q"]
+
+
+def test_steps_do_not_nest_and_end_with_their_block(tmp_path):
+    with tracing(tmp_path / "t.h5"):
+        with step(1):
+            with pytest.raises(HarnessError, match=r"harness.step\(2\) inside harness.step\(1\)"):
+                with step(2):
+                    pass
+        with pytest.raises(RuntimeError, match="boom"):
+            with step(3):
+                raise RuntimeError("boom")
+        record("norm", torch.ones(1))  # no step left open by the failed block
+    assert load_trace(tmp_path / "t.h5").names == ["norm"]
+
+
+def test_step_outside_a_trace_does_nothing_and_a_bad_step_is_refused():
+    with step(1):
+        record("norm", torch.ones(1))
+        assert not is_tracing()
+    for bad in (-1, "1", 1.0):
+        with pytest.raises(HarnessError, match="expected a generation step"):
+            with step(bad):
+                pass
+
+
+def test_record_calls_count_filtered_names_too(tmp_path):
+    with tracing(tmp_path / "t.h5", names=["norm"]):
+        record("embeddings", torch.ones(1, 2))
+        record("norm", torch.ones(1, 2))
+        assert record_calls() == 2
+    assert record_calls() == 0 and load_trace(tmp_path / "t.h5").names == ["norm"]
 
 
 def test_layout_dtype_and_metadata(tmp_path):
@@ -78,8 +158,6 @@ def test_missing_output_folder(tmp_path):
 
 def test_large_tensors_are_stored_compressed_and_exact(tmp_path):
     """Datasets from COMPRESS_MIN_BYTES on are chunked and gzip-compressed; values come back bit for bit."""
-    from harness.tracing import COMPRESS_MIN_BYTES
-
     big = torch.randn(256, 256).to(torch.bfloat16)  # 256 KiB as float32
     small = torch.randn(16, 16)
     with harness.tracing(tmp_path / "t.h5"):
@@ -99,10 +177,6 @@ def test_large_tensors_are_stored_compressed_and_exact(tmp_path):
 def test_long_square_tensors_keep_sampled_rows(tmp_path):
     """Past FULL_SQUARE_MAX_T tokens a head's scores/probs keep SAMPLED_ROWS rows (first and last included), with
     their positions; [T, head_dim] tensors stay whole; a version 1 trace still reads."""
-    import h5py
-
-    from harness.tracing import FULL_SQUARE_MAX_T, SAMPLED_ROWS
-
     n = FULL_SQUARE_MAX_T + 1
     probs = torch.rand(n, n)
     q = torch.randn(n, 16)

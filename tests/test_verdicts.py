@@ -13,20 +13,13 @@ import pytest
 import torch
 
 from harness import record, scratch, tracing
+from harness.bound import Floor, effective_floor, independent_samples, pooled, propagated_floor, small_sample_factor
 from harness.checkpoint import open_checkpoint
-from harness.compare import (
-    ORACLE_PREFIX,
-    Floor,
-    compare_tensors,
-    compare_traces,
-    effective_floor,
-    independent_samples,
-    pooled,
-    propagated_floor,
-    small_sample_factor,
-)
-from harness.runner import trace_reference, trace_scratch
-from harness.tracing import load_trace
+from harness.compare import compare_tensors, compare_traces
+from harness.names import ORACLE_PREFIX
+from harness.run import trace_scratch
+from harness.trace_file import load_trace
+from tests.mutants import FORWARD, by_id
 
 SHORT = {1: "", 2: "a", 3: "the answer"}  # prompt -> tokens with the tiny tokenizer (BOS included)
 
@@ -51,28 +44,17 @@ def mask_above_diagonal(fill: float):
     return change
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_checkpoint, tmp_path_factory):
-    """(variant, dtype, T) -> (reference trace, scratch trace), traced on first use."""
-    work = tmp_path_factory.mktemp("verdicts")
-    made = {}
-
-    def get(variant: str, dtype: str, n_tokens: int, **scratch_options) -> tuple[Path, Path]:
-        key = (variant, dtype, n_tokens)
-        if key not in made:
-            ckpt = open_checkpoint(tiny_checkpoint(variant))
-            ref, impl = work / f"ref-{variant}-{dtype}-{n_tokens}.h5", work / f"impl-{variant}-{dtype}-{n_tokens}.h5"
-            trace_reference(ckpt, ref, prompt=SHORT[n_tokens], dtype=dtype, oracle=True)
-            trace_scratch(ckpt, impl, prompt=SHORT[n_tokens], dtype=dtype)
-            made[key] = ref, impl
-        return made[key]
-
-    return get
+@pytest.fixture
+def runs(traced_pair):
+    """(variant, dtype, T) -> (reference trace with its oracle, scratch trace) on a T-token prompt, traced once."""
+    return lambda variant, dtype, n_tokens: traced_pair(variant, dtype, prompt=SHORT[n_tokens])
 
 
-# ---- 1 to 3 tokens: no false alarm (the issue measured 10 of 16 such runs failing) ------------------------------------
+# ---- 1 to 3 tokens: no false alarm (the issue measured 10 of 16 such runs failing) -----------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("verdicts")
 @pytest.mark.parametrize("n_tokens", [1, 2, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("variant", ["3.0", "3.1", "3.2"])
@@ -88,6 +70,8 @@ def test_short_prompts_pass_with_room(runs, variant, dtype, n_tokens):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("verdicts")
 @pytest.mark.parametrize(
     "mutant_id, n_tokens",
     [
@@ -103,13 +87,11 @@ def test_short_prompts_pass_with_room(runs, variant, dtype, n_tokens):
 def test_bugs_are_still_caught_at_their_own_name_on_short_prompts(
     tiny_checkpoint, tmp_path, runs, mutant_id, n_tokens, dtype
 ):
-    from test_mutations import CATALOGUE
-
-    mutant = next(m for m in CATALOGUE if m.id == mutant_id)
+    mutant = by_id(FORWARD, mutant_id)
     ckpt = open_checkpoint(tiny_checkpoint("3.0"))
     ref, _ = runs("3.0", dtype, n_tokens)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scratch, mutant.target, mutant.make(getattr(scratch, mutant.target), ckpt.config))
+        mutant.apply(mp, ckpt.config)
         trace_scratch(ckpt, tmp_path / "mutant.h5", prompt=SHORT[n_tokens], dtype=dtype)
     c = compare_traces(ref, tmp_path / "mutant.h5")
     own = c.result(mutant.first)
@@ -117,9 +99,11 @@ def test_bugs_are_still_caught_at_their_own_name_on_short_prompts(
     assert own.ratio >= 2, f"{mutant.bug} at only {own.ratio:.3g}x its bound"
 
 
-# ---- masked scores (issue 11, item 4) ---------------------------------------------------------------------------------
+# ---- masked scores (issue 11, item 4) --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("verdicts")
 @pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.bfloat16).min], ids=["-inf", "finfo.min"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_scores_recorded_after_the_causal_mask_pass_like_unmasked_ones(runs, tmp_path, dtype, fill):
@@ -133,8 +117,11 @@ def test_scores_recorded_after_the_causal_mask_pass_like_unmasked_ones(runs, tmp
     assert plain.result(name).rel_l2 > 0 and plain.result(name).ratio < 1
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("verdicts")
 def test_a_wrong_mask_passes_scores_and_fails_at_probs(tiny_checkpoint, runs, tmp_path):
-    """Mask from diagonal 2 (each token sees the next): the recorded masked scores agree on the causal part, probs not."""
+    """Mask from diagonal 2 (each token sees the next): the recorded masked scores agree on the causal part, probs
+    not."""
     ckpt = open_checkpoint(tiny_checkpoint("3.0"))
     ref, _ = runs("3.0", "float32", 3)
     leaky = lambda n, dt, dev: torch.triu(torch.full((n, n), float("-inf"), dtype=dt, device=dev), 2)  # noqa: E731
@@ -174,9 +161,11 @@ def test_masked_scores_unit():
     assert other.nonfinite is not None and not other.passed, "only scores are judged on their causal part"
 
 
-# ---- the oracle on B's side -------------------------------------------------------------------------------------------
+# ---- the oracle on B's side ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("verdicts")
 def test_when_only_b_holds_the_oracle_it_is_named_as_the_reference_side(runs):
     ref, impl = runs("3.0", "bfloat16", 3)
     c = compare_traces(impl, ref)
@@ -187,7 +176,7 @@ def test_when_only_b_holds_the_oracle_it_is_named_as_the_reference_side(runs):
     assert not straight.swapped and [r.ratio for r in c.results] == [r.ratio for r in straight.results]
 
 
-# ---- the statistics of the rule ---------------------------------------------------------------------------------------
+# ---- the statistics of the rule --------------------------------------------------------------------------------------
 
 
 def test_a_small_tensor_is_held_to_its_group_floor_not_its_own_lucky_one():

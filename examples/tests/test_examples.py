@@ -15,6 +15,8 @@ HERE = Path(__file__).resolve().parent
 ADAPTERS = {"llama_models": "llama_models_adapter.py", "llms_from_scratch": "llms_from_scratch_adapter.py"}
 WRONG = {"llama_models": "LLAMA_MODELS_HALF_SPLIT", "llms_from_scratch": "LLMS_FROM_SCRATCH_UNPERMUTED"}
 
+pytestmark = pytest.mark.slow  # verify: the reference with its float64 oracle
+
 
 def _verdict(result) -> str:
     worst = max(result.comparison.results, key=lambda r: r.ratio)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.verify import verify
-from tests.test_generation import STEPS, assert_passes, first_failure, references  # noqa: F401,F811 (fixture)
+from tests.helpers import GENERATION_STEPS, assert_passes, first_failure
 
 EXAMPLES = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -22,9 +22,7 @@ WRONG_CACHE = {  # wrong_adapters.py's attribute -> (its package, where it must 
     "LLMS_FROM_SCRATCH_POSITIONS_RESTART": ("llms_from_scratch", f"steps.1.{HEAD0}.q_rotated"),
 }
 
-
-def XDIST_GROUP(item) -> str:
-    return "examples-generation"  # the wrong-cache tests share the reference's traces (the `references` fixture)
+pytestmark = pytest.mark.slow  # verify, and the reference's generation with its float64 oracle
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -33,18 +31,21 @@ def XDIST_GROUP(item) -> str:
 def test_adapter_generates_with_its_own_cache(package, variant, dtype, tiny_checkpoint, tmp_path):
     pytest.importorskip(package)
     impl = f"{EXAMPLES / ADAPTERS[package]}:ADAPTER"
-    result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype=dtype, impl=impl, generate=STEPS)
+    result = verify(tiny_checkpoint(variant), out=tmp_path / "v", dtype=dtype, impl=impl, generate=GENERATION_STEPS)
     generation = json.loads((tmp_path / "v" / "comparison.json").read_text())["generation"]
     assert not generation["unexplained_disagreements"], generation["unexplained_disagreements"]
-    assert result.comparison.result(f"steps.{STEPS}.{HEAD0}.cache_k") is not None, "the cache is not recorded"
+    assert result.comparison.result(f"steps.{GENERATION_STEPS}.{HEAD0}.cache_k") is not None, (
+        "the cache is not recorded"
+    )
     assert_passes(None, f"{package} {variant} {dtype}", result.comparison.results + result.cache_check)
 
 
+@pytest.mark.xdist_group("generation-references")  # conftest.py's `generation_references`, traced once
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("wrong", WRONG_CACHE)
-def test_wrong_cache_fails_at_its_step_and_name(wrong, dtype, references, tmp_path):
+def test_wrong_cache_fails_at_its_step_and_name(wrong, dtype, generation_references, tmp_path):
     package, expected = WRONG_CACHE[wrong]
     pytest.importorskip(package)
-    run, reference = references[dtype]
+    run, reference = generation_references[dtype]
     first, how = first_failure(run, reference, tmp_path / "wrong.h5", impl=f"{HERE / 'wrong_adapters.py'}:{wrong}")
     assert first == expected, f"{wrong} ({dtype}): first failure {first} ({how}), expected {expected}"

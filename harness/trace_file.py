@@ -1,11 +1,9 @@
-"""The recording API and the HDF5 trace format: `with tracing(path): ... record(name, tensor)`, and `load_trace(path)`.
-
-Anyone's implementation records through these two calls; outside `tracing`, `record` is a no-op.
+"""The HDF5 trace format: a trace written (`written`: one dataset per name, the run's metadata as file attributes, the
+kept rows of a long tensor) and read back lazily (`load_trace`, `Trace`). Recording into it is harness/recording.py.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import platform
@@ -22,37 +20,13 @@ import torch
 from . import names as canon
 from .errors import HarnessError
 from .files import atomic_path
-from .names import RESERVED_PREFIX
+from .names import RESERVED_PREFIX, SAMPLED_ROWS
 
 FORMAT_VERSION = (
     2  # 2: long [T, T] tensors and logits may keep sampled rows (attribute `rows`); version 1 reads as before
 )
 READABLE_VERSIONS = (1, 2)
-
-_active: _Recorder | None = None
 ShapeCheck = Callable[[str, tuple[int, ...]], "str | None"]
-
-
-def record(name: str, tensor: torch.Tensor | Rows) -> None:
-    """Record `tensor` under the canonical `name` if a trace is open; costs one global lookup otherwise.
-
-    `tensor` may be `Rows`: the rows a trace keeps of a long [T, T] tensor computed by blocks, never held whole."""
-    if _active is not None:
-        _active.record(name, tensor)
-
-
-def is_tracing() -> bool:
-    return _active is not None
-
-
-def recorded(name: str) -> bool:
-    """Whether the open trace holds `name` already."""
-    return _active is not None and canon.to_path(name) in _active.file
-
-
-def record_calls() -> int:
-    """How many times `record` was called in the open trace (names filtered out included)."""
-    return _active.calls if _active is not None else 0
 
 
 def library_versions() -> dict[str, str]:
@@ -115,10 +89,6 @@ COMPRESS_MIN_BYTES = 1 << 16
 # 1024 heads); 64 rows take 4 MiB. Logits [T, vocab] likewise past FULL_LOGITS_MAX_ELEMENTS (64 MiB in float32; the
 # last row, the next-token prediction, is always kept). Both sides of a comparison sample the same rows (a function of
 # T alone), and every [T, head_dim] tensor (q, k, rotated q/k, outputs) stays whole: a position-dependent bug (RoPE)
-# shows there at every position.
-FULL_SQUARE_MAX_T = 1024
-FULL_LOGITS_MAX_ELEMENTS = 1 << 24
-SAMPLED_ROWS = 64
 
 
 def sampled_rows(n_rows: int) -> list[int]:
@@ -127,16 +97,10 @@ def sampled_rows(n_rows: int) -> list[int]:
 
 
 def kept_rows(name: str, shape: tuple[int, ...]) -> list[int] | None:
-    """The rows a trace keeps of `name` recorded with `shape` (by its last part: `scores`, `probs`, `logits`), or None
-    for all of them. A computation that never holds such a tensor whole computes these rows and records them as `Rows`."""
-    part = name.rsplit(".", 1)[-1]
-    if len(shape) != 2:
-        return None
-    if part in ("scores", "probs") and shape[0] > FULL_SQUARE_MAX_T:
-        return sampled_rows(shape[0])
-    if part == "logits" and shape[0] * shape[1] > FULL_LOGITS_MAX_ELEMENTS and shape[0] > SAMPLED_ROWS:
-        return sampled_rows(shape[0])
-    return None
+    """The rows a trace keeps of `name` recorded with `shape` (harness/names.py's `keeps_every_row` decides), or None
+    for all of them. A computation that never holds such a tensor whole computes these rows and records them as
+    `Rows`."""
+    return None if canon.keeps_every_row(name, shape) else sampled_rows(shape[0])
 
 
 @dataclass(frozen=True)
@@ -145,8 +109,8 @@ class Rows:
     (increasing, along the second-to-last axis) of a tensor with `n_rows` of them, [..., n_rows, K].
 
     For a long prompt computed a block of query rows at a time (the float64 oracle's attention): record
-    `Rows(values, kept_rows(name, shape), n_rows)` and the trace holds exactly what recording the whole tensor would have
-    (the same rows, `rows` and `full_shape` attributes); the shape check sees the whole tensor's shape.
+    `Rows(values, kept_rows(name, shape), n_rows)` and the trace holds exactly what recording the whole tensor would
+    have (the same rows, `rows` and `full_shape` attributes); the shape check sees the whole tensor's shape.
     """
 
     values: torch.Tensor
@@ -174,7 +138,7 @@ def _select_rows(name: str, given: Rows, keep: list[int] | None) -> torch.Tensor
         kept = "every row" if keep is None else f"{len(keep)} sampled rows"
         raise HarnessError(
             f"trace: {name!r} recorded as {len(have)} of its {given.n_rows} rows, without row {missing[0]} "
-            f"({len(missing)} missing); a trace keeps {kept} of it (harness.tracing.kept_rows)"
+            f"({len(missing)} missing); a trace keeps {kept} of it (harness.trace_file.kept_rows)"
         )
     return given.values.index_select(-2, torch.tensor([where[r] for r in wanted], device=given.values.device))
 
@@ -185,32 +149,26 @@ def _storage(data: np.ndarray) -> dict[str, Any]:
     return dict(chunks=True, compression="gzip", compression_opts=1, shuffle=True)
 
 
-class _Recorder:
-    def __init__(self, file: h5py.File, patterns: Sequence[str] | None, check_shape: ShapeCheck | None = None):
+class TraceWriter:
+    """A trace file being written: one dataset per name, with its attributes (`name`, `dtype`, `order`, `axes`; the
+    kept `rows` and the `full_shape` of a long one)."""
+
+    def __init__(self, file: h5py.File):
         self.file = file
-        self.patterns = list(patterns) if patterns else None
-        self.check_shape = check_shape
         self.count = 0
-        self.calls = 0  # record() calls, kept or filtered out
 
-    def wants(self, name: str) -> bool:
-        if name == "tokens" or self.patterns is None or (name.startswith(RESERVED_PREFIX) and "." not in name):
-            return True
-        if name.startswith(RESERVED_PREFIX):
-            name = name.split(".", 1)[1]  # an extra is filtered by the name it extends: "_oracle.norm" as "norm"
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+    def __contains__(self, name: str) -> bool:
+        return canon.to_path(name) in self.file
 
-    def record(self, name: str, tensor: torch.Tensor | Rows) -> None:
-        self.calls += 1
-        if not self.wants(name):
-            return
+    def write(self, name: str, tensor: torch.Tensor | Rows, check_shape: ShapeCheck | None = None) -> None:
+        """Store `tensor` (or the kept `Rows` of one) under `name`; `check_shape` sees the whole tensor's shape."""
         path = canon.to_path(name)
         if path in self.file:
             raise HarnessError(f"trace: name {name!r} recorded twice")
         given = tensor if isinstance(tensor, Rows) else None
         t = given.values.detach() if given is not None else torch.as_tensor(tensor).detach()
         shape = given.shape if given is not None else tuple(t.shape)  # the whole tensor's
-        if self.check_shape is not None and (problem := self.check_shape(name, shape)):
+        if check_shape is not None and (problem := check_shape(name, shape)):
             raise HarnessError(problem)
         if t.is_complex():
             raise HarnessError(f"trace: {name!r} is complex; record real tensors")
@@ -259,23 +217,9 @@ def _checkpoint_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def tracing(
-    path: str | os.PathLike,
-    *,
-    names: Sequence[str] | None = None,
-    check_shape: ShapeCheck | None = None,
-    **metadata: Any,
-) -> Iterator[None]:
-    """Open a trace: every `record(...)` inside goes to the HDF5 file at `path`.
-
-    `names` are glob patterns (e.g. "layers.0.*"); `tokens` is always kept. `metadata` becomes file attributes
-    (`checkpoint=` an opened Checkpoint stamps its fingerprint, path and config, so `compare` can tell checkpoints
-    apart). `check_shape(name, shape)` returns an error message for a tensor of the wrong shape, or None.
-    The file appears only when the block ends without error; an existing file is replaced atomically.
-    """
-    global _active
-    if _active is not None:
-        raise HarnessError("trace: tracing() is already active; traces cannot be nested")
+def written(path: str | os.PathLike, metadata: dict[str, Any]) -> Iterator[TraceWriter]:
+    """A trace file at `path`, its attributes the format's and `metadata`'s: it appears only when the block ends
+    without error; an existing file is replaced atomically."""
     with atomic_path(path) as tmp:
         try:
             file = h5py.File(tmp, "w")
@@ -291,11 +235,7 @@ def tracing(
                 file.attrs[key], was_json = _to_attr(value)
                 encoded += [key] if was_json else []
             file.attrs[JSON_ATTRS] = json.dumps(encoded)
-            _active = _Recorder(file, names, check_shape)
-            try:
-                yield
-            finally:
-                _active = None
+            yield TraceWriter(file)
 
 
 def _forward_order(name: str) -> tuple:
@@ -341,7 +281,8 @@ class Trace:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        """The file's metadata with its types: JSON-encoded ones (listed in `json_attrs`) decoded, strings as strings."""
+        """The file's metadata with its types: JSON-encoded ones (listed in `json_attrs`) decoded, strings as
+        strings."""
         raw = dict(self.file.attrs.items())
         listed = raw.pop(JSON_ATTRS, None)
         encoded = set(json.loads(_from_attr(listed, False))) if listed is not None else None
