@@ -8,6 +8,7 @@ split, q/k back to Meta's interleaved pairs, each query head given its KV head.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,10 @@ from .checkpoint import Checkpoint
 from .names import ORACLE_PREFIX
 from .recording import record
 from .trace_file import Rows, kept_rows
+
+# The KV cache's keyword: `cache` in transformers 5.2x (where `past_key_values` warns that 5.40 removes it), and
+# `past_key_values` in the 5.x releases before it. Read off the signature once: no FutureWarning on a normal run.
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 ATTENTION = "harness_traced"  # HF's eager attention, with a tap point for its scores
 
@@ -167,7 +172,7 @@ def _step_hf(model: LlamaForCausalLM, tokens: torch.Tensor, start_pos: int, cach
     kv = cache.setdefault("past_key_values", DynamicCache(config=model.config))
     if kv.get_seq_length() != start_pos:
         raise RuntimeError(f"reference: KV cache holds {kv.get_seq_length()} positions at start_pos {start_pos}")
-    return model(tokens[None], past_key_values=kv, use_cache=True)
+    return model(tokens[None], use_cache=True, **{CACHE: kv})
 
 
 HUGGING_FACE = Adapter(
@@ -245,7 +250,7 @@ def run_oracle(
     past = None if cache is None else cache.setdefault("past_key_values", DynamicCache(config=cfg))
     if past is None:
         mask = create_causal_mask(
-            config=cfg, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids
+            config=cfg, inputs_embeds=x, attention_mask=None, position_ids=position_ids, **{CACHE: None}
         )
     else:
         mask = _step_mask(len(ids), start_pos, device)  # [1, 1, T, K]
@@ -267,8 +272,8 @@ def run_oracle(
                     attention_mask=mask,
                     position_embeddings=cos_sin,
                     position_ids=position_ids,
-                    past_key_values=past,
                     use_cache=past is not None,
+                    **{CACHE: past},
                 )
             )
         del layer, sd
