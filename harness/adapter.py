@@ -4,7 +4,7 @@ An `Adapter` is itself a forward of the harness's contract, `adapter(checkpoint,
 [T, V]`: it builds the module, attaches hooks for the run only (removed in `finally:`), runs it and records each
 mapped name. Paths have a `{layer}` slot; a name with a `{head}` slot is taken as [H, ...] and recorded per head.
 A tapped function may return `Rows` (harness.trace_file) for a long tensor it computes by blocks: the transforms apply
-to its values.
+to its values. The transforms and `llama_taps` live in harness/taps.py; this module attaches them.
 Shapes: T tokens, H query heads, KV kv heads, hd head_dim.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -22,146 +23,44 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import HarnessError
-from .hf_layout import half_split_to_interleaved
 from .isolation import layer_input
 from .recording import record
+from .taps import (
+    META_PATHS,
+    Tap,
+    Transform,
+    attended,
+    drop_batch,
+    each,
+    heads_first,
+    input_of,
+    interleave_halves,
+    kv_to_query_heads,
+    llama_taps,
+    output_of,
+    split_heads,
+    split_qkv,
+)
 from .trace_file import Rows
 
-Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
-
-# ---- layout transforms: each `f(x, config) -> x`, applied in the order a tap lists them ----------------------------
-
-
-def drop_batch(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """[1, ...] -> [...]: the harness runs one sequence."""
-    if x.shape[0] != 1:
-        raise HarnessError(f"adapter: drop_batch expects a batch of 1, got shape {list(x.shape)}")
-    return x[0]
-
-
-def split_heads(count: str = "n_heads") -> Transform:
-    """[T, n * hd] -> [n, T, hd], n the config field `count` ("n_heads" for q, "n_kv_heads" for k/v)."""
-
-    def split(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-        return x.unflatten(-1, (getattr(config, count), -1)).transpose(-3, -2)  # [T, n, hd] -> [n, T, hd]
-
-    split.__name__ = f"split_heads({count!r})"
-    return split
-
-
-def heads_first(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """[T, n, hd] -> [n, T, hd] (a tensor already viewed per head, tokens first)."""
-    return x.transpose(0, 1)
-
-
-def interleave_halves(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """q/k in Hugging Face's half-split order (rows permuted for rotate_half) -> Meta's interleaved pairs."""
-    return half_split_to_interleaved(x)
-
-
-def kv_to_query_heads(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """[KV, ...] -> [H, ...]: query head h gets KV head h // n_rep, the one it attends with."""
-    return x.repeat_interleave(config.n_rep, dim=0)
-
-
-# ---- taps ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tap:
-    """Where a name is read: a submodule path ("model.layers.{layer}.mlp") or a function ("package.module:function").
-
-    `take` "output" or "input"; `index` picks from a tuple output or the positional inputs, a tuple of indices from
-    nested tuples (`(1, 0)`: keys of an output `(x, (keys, values))`); `call` picks which call of a function inside one
-    layer (a function applied to k, then to q: 0 then 1).
-    """
-
-    target: str
-    take: str = "output"
-    index: int | tuple[int, ...] = 0
-    transforms: tuple[Transform, ...] = ()
-    call: int = 0
-
-    @property
-    def is_function(self) -> bool:
-        return ":" in self.target
-
-    def value(self, inputs: tuple, output: Any, config: ModelConfig) -> torch.Tensor | Rows:
-        picked = inputs if self.take == "input" else output
-        for i in self.index if isinstance(self.index, tuple) else (self.index,):
-            picked = picked[i] if isinstance(picked, (tuple, list)) else picked  # a module's single tensor: itself
-
-        def transformed(x: torch.Tensor) -> torch.Tensor:
-            x = x.detach()
-            for transform in self.transforms:
-                x = transform(x, config)
-            return x
-
-        return _each(picked, transformed)
-
-
-def _each(value: torch.Tensor | Rows, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Rows:
-    """`f` on a tensor, or on the values of `Rows` (the kept rows of a long tensor computed by blocks)."""
-    return value.map(f) if isinstance(value, Rows) else f(value)
-
-
-def output_of(target: str, *transforms: Transform, index: int | tuple[int, ...] = 0, call: int = 0) -> Tap:
-    return Tap(target, "output", index, transforms, call)
-
-
-def input_of(target: str, *transforms: Transform, index: int | tuple[int, ...] = 0, call: int = 0) -> Tap:
-    return Tap(target, "input", index, transforms, call)
-
-
-# Where a Llama's modules sit, by Meta's module names (llama/model.py); those inside a layer relative to it.
-META_PATHS = {
-    "tok_embeddings": "tok_embeddings",
-    "layers": "layers.{layer}",
-    "attention_norm": "attention_norm",
-    "wq": "attention.wq",
-    "wk": "attention.wk",
-    "wv": "attention.wv",
-    "wo": "attention.wo",
-    "ffn_norm": "ffn_norm",
-    "w1": "feed_forward.w1",
-    "w3": "feed_forward.w3",
-    "w2": "feed_forward.w2",
-    "norm": "norm",
-}
-
-
-def llama_taps(paths: Mapping[str, str] = META_PATHS, *, half_split: bool = False) -> dict[str, Tap]:
-    """Every canonical name a Llama's modules give, from where they sit (`paths`: Meta's module names -> the model's,
-    missing keys as Meta's). `half_split`: q/k rows permuted for rotate_half (Hugging Face's layout), mapped back.
-
-    What no module returns (rotated q/k, scores, probs) comes from function taps added to this table.
-    """
-    p = {**META_PATHS, **paths}
-    layer, head = p["layers"], "layers.{layer}.attention.heads.{head}"
-
-    def at(key: str) -> str:
-        return f"{layer}.{p[key]}"
-
-    qk = (interleave_halves,) if half_split else ()
-    q = (drop_batch, split_heads("n_heads"))  # [1, T, H*hd] -> [H, T, hd]
-    kv = (drop_batch, split_heads("n_kv_heads"), kv_to_query_heads)  # [1, T, KV*hd] -> [H, T, hd]
-    return {
-        "embeddings": output_of(p["tok_embeddings"], drop_batch),
-        "layers.{layer}.attention_norm": output_of(at("attention_norm"), drop_batch),
-        f"{head}.q": output_of(at("wq"), *q, *qk),
-        f"{head}.k": output_of(at("wk"), *kv, *qk),
-        f"{head}.v": output_of(at("wv"), *kv),
-        f"{head}.output": input_of(at("wo"), *q),  # the heads, concatenated, go into wo
-        "layers.{layer}.attention.output": output_of(at("wo"), drop_batch),
-        "layers.{layer}.attention_residual": input_of(at("ffn_norm"), drop_batch),
-        "layers.{layer}.ffn_norm": output_of(at("ffn_norm"), drop_batch),
-        "layers.{layer}.feed_forward.gate": output_of(at("w1"), drop_batch),
-        "layers.{layer}.feed_forward.up": output_of(at("w3"), drop_batch),
-        "layers.{layer}.feed_forward.hidden": input_of(at("w2"), drop_batch),
-        "layers.{layer}.feed_forward.output": output_of(at("w2"), drop_batch),
-        "layers.{layer}.output": output_of(layer, drop_batch),
-        "norm": output_of(p["norm"], drop_batch),
-    }
+__all__ = [  # the taps and transforms (harness/taps.py) importable from here too, as they were before it existed
+    "META_PATHS",
+    "Adapter",
+    "Tap",
+    "Transform",
+    "attended",
+    "drop_batch",
+    "heads_first",
+    "input_of",
+    "interleave_halves",
+    "kv_to_query_heads",
+    "llama_taps",
+    "output_of",
+    "run_tokens",
+    "split_heads",
+    "split_qkv",
+    "submodule",
+]
 
 
 def _record(name: str, value: torch.Tensor | Rows, config: ModelConfig, prefix: str) -> None:
@@ -169,11 +68,9 @@ def _record(name: str, value: torch.Tensor | Rows, config: ModelConfig, prefix: 
         record(prefix + name, value)
         return
     if value.shape[0] != config.n_heads:
-        raise HarnessError(
-            f"adapter: {name} should give one entry per query head ({config.n_heads}), got shape {list(value.shape)}"
-        )
+        raise HarnessError(f"should give one entry per query head ({config.n_heads}), got shape {list(value.shape)}")
     for head in range(config.n_heads):
-        record(prefix + name.format(head=head), _each(value, lambda x: x[head]))
+        record(prefix + name.format(head=head), each(value, lambda x: x[head]))
 
 
 def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -188,9 +85,9 @@ def _function(target: str) -> tuple[Any, str]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise HarnessError(f"adapter: cannot import {module_name!r} for the tap {target!r} ({e})") from None
+        raise HarnessError(f"adapter: cannot import {module_name!r} ({e})") from None
     if not callable(getattr(module, attr, None)):
-        raise HarnessError(f"adapter: {module_name} has no function {attr!r} (tap {target!r})")
+        raise HarnessError(f"adapter: {module_name} has no function {attr!r}")
     return module, attr
 
 
@@ -233,7 +130,7 @@ class Adapter:
         self, checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str
     ) -> torch.Tensor:
         module = self.build(checkpoint, dtype, torch.device(device))
-        with self.attached(module, checkpoint.config):
+        with self.attached(module, checkpoint.config, n_tokens=len(tokens)):
             logits = _logits_of(self.run(module, tokens.to(device)))
         return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
 
@@ -254,7 +151,7 @@ class Adapter:
             nonlocal module
             if module is None:
                 module = self.build(checkpoint, dtype, torch.device(device))
-            with self.attached(module, checkpoint.config, cache=True):
+            with self.attached(module, checkpoint.config, cache=True, start_pos=start_pos, n_tokens=len(tokens)):
                 logits = _logits_of(self.run_step(module, tokens.to(device), start_pos, cache))
             return logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits  # [T, V]
 
@@ -269,96 +166,179 @@ class Adapter:
         prefix: str = "",
         layer: int | None = None,
         cache: bool = False,
+        start_pos: int = 0,
+        n_tokens: int | None = None,
     ) -> Iterator[None]:
         """Hooks and function wrappers on `root` for the duration of the block; names recorded under `prefix`.
 
         With `layer`, `root` is that one decoder layer (the float64 oracle builds them one at a time): only the taps
-        inside a layer are attached, by their paths relative to it. `cache`: the `cache_taps` as well.
+        inside a layer are attached, by their paths relative to it. `cache`: the `cache_taps` as well. `start_pos` and
+        `n_tokens` (the step's T) go to the transforms that take them. One hook per tapped module, however many layers
+        share it: a call is counted (`call=N`) in the layer running, and a shared module's values named after it.
         """
+        taps = {**self.taps, **self.cache_taps} if cache else self.taps
+        current = _Running(layer, config.n_layers, {"start_pos": start_pos, "T": n_tokens})
+        layers = [layer] if layer is not None else range(config.n_layers)
         with ExitStack() as stack:
-            current = _Layer(layer)
-            layers = [layer] if layer is not None else range(config.n_layers)
             if layer is None:
-                for index in layers:
-                    stack.enter_context(
-                        _layer_pre_hook(submodule(root, self.layers.format(layer=index)), index, current)
-                    )
-                stack.enter_context(_layer_pre_hook(submodule(root, self.final_norm), config.n_layers, current))
-            by_function: dict[str, list[tuple[str, Tap]]] = {}
-            for name, tap in ({**self.taps, **self.cache_taps} if cache else self.taps).items():
+                for index in [*layers, config.n_layers]:
+                    path = self.layers.format(layer=index) if index < config.n_layers else self.final_norm
+                    stack.enter_context(_layer_pre_hook(submodule(root, path), path, index, current))
+            by_module: dict[torch.nn.Module, list[_Site]] = {}
+            by_function: dict[str, list[_Site]] = {}
+            for name, tap in taps.items():
                 if tap.is_function:
-                    by_function.setdefault(tap.target, []).append((name, tap))
-                    continue
-                per_layer = "{layer}" in tap.target
-                if layer is not None and not per_layer:
-                    continue
-                for index in layers if per_layer else [None]:
-                    path = tap.target.format(layer=index) if per_layer else tap.target
-                    if layer is not None:
-                        path = path.removeprefix(self.layers.format(layer=index)).removeprefix(".")
-                    hook = _module_hook(
-                        name.format(layer=index, head="{head}") if per_layer else name, tap, config, prefix
-                    )
-                    stack.callback(submodule(root, path).register_forward_hook(hook).remove)
-            for target, taps in by_function.items():
-                stack.enter_context(_wrapped(target, taps, current, config, prefix))
+                    by_function.setdefault(tap.target, []).append(_Site(name, tap, None))
+                elif layer is None or "{layer}" in tap.target:
+                    for module, site in self._sites(root, name, tap, layers, layer):
+                        by_module.setdefault(module, []).append(site)
+            for module, sites in by_module.items():
+                hook = _module_hook(sites, current, config, prefix)
+                stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
+            for target, sites in by_function.items():
+                stack.enter_context(_wrapped(target, sites, current, config, prefix))
             yield
 
+    def _sites(
+        self, root: torch.nn.Module, name: str, tap: Tap, layers, fixed: int | None
+    ) -> Iterator[tuple[torch.nn.Module, _Site]]:
+        """The module(s) a tap reads, each with its site: a layer's own module named after that layer; a module that
+        several layers share (or a path with no `{layer}`) after the layer running when it is called."""
+        found: dict[torch.nn.Module, list[int | None]] = {}
+        for index in layers if "{layer}" in tap.target else [None]:
+            path = tap.target.format(layer=index)
+            if fixed is not None:
+                path = path.removeprefix(self.layers.format(layer=index)).removeprefix(".")
+            with _about(_Site(name, tap, index), index, running=False):
+                found.setdefault(submodule(root, path), []).append(index)
+        for module, indices in found.items():
+            yield module, _Site(name, tap, indices[0] if len(indices) == 1 else None)
 
-class _Layer:
-    """Which decoder layer is running, and how many times each function was called in it."""
 
-    def __init__(self, fixed: int | None):
-        self.index, self.calls = fixed, {}
+@dataclass(frozen=True)
+class _Site:
+    """A tap as attached: its canonical name, and the layer its module belongs to (None: the layer running)."""
 
-    def enter(self, index: int) -> None:
-        self.index, self.calls = index, {}
+    name: str
+    tap: Tap
+    layer: int | None
 
-    def count(self, target: str) -> int:
-        n = self.calls.get(target, 0)
-        self.calls[target] = n + 1
-        return n
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.name
+
+    def name_at(self, layer: int | None) -> str:
+        return self.name.format(layer=layer, head="{head}") if self.per_layer and layer is not None else self.name
+
+    def where(self, layer: int | None, n_layers: int | None = None, *, running: bool = True) -> str:
+        """'tap NAME (module PATH, layer L, call N)': which tap, what it reads, where the model was (`running`: in a
+        call; otherwise attaching it, where a layer is only that of its path)."""
+        kind = "function" if self.tap.is_function else "module"
+        path = self.tap.target.format(layer=layer) if layer is not None else self.tap.target
+        if not running:
+            return f"tap {self.name_at(layer)} ({kind} {path!r}" + ("" if layer is None else f", layer {layer}") + ")"
+        at = "before the decoder layers" if layer is None else f"layer {layer}"
+        at = "after the decoder layers" if layer is not None and layer == n_layers else at
+        return f"tap {self.name_at(layer)} ({kind} {path!r}, {at}, call {self.tap.call})"
 
 
 @contextmanager
-def _layer_pre_hook(module: torch.nn.Module, index: int, current: _Layer) -> Iterator[None]:
-    def pre_hook(mod, args):
-        current.enter(index)
-        replaced = layer_input(index, args[0])  # isolated mode: the reference's input; otherwise args[0] itself
-        return None if replaced is args[0] else (replaced, *args[1:])
+def _about(site: _Site, layer: int | None, n_layers: int | None = None, *, running: bool = True) -> Iterator[None]:
+    """A HarnessError inside the block said again with the tap, the module path and the layer it is about."""
+    try:
+        yield
+    except HarnessError as e:
+        where = site.where(layer, n_layers, running=running)
+        raise HarnessError(f"adapter: {where}: {str(e).removeprefix('adapter: ')}") from None
 
-    handle = module.register_forward_pre_hook(pre_hook)
+
+class _Running:
+    """Which decoder layer is running (`n_layers`: the final norm), how many times each tapped module or function was
+    called in it and in the whole run, and the step (`start_pos`, `T`) the transforms may take."""
+
+    def __init__(self, fixed: int | None, n_layers: int, step: dict[str, int | None]):
+        self.index, self.n_layers, self.step = fixed, n_layers, step
+        self.in_layer: dict[Any, int] = {}
+        self.in_run: dict[Any, int] = {}
+
+    def enter(self, index: int) -> None:
+        self.index, self.in_layer = index, {}
+
+    def count(self, key: Any) -> tuple[int, int]:
+        """This call's index among `key`'s calls: in the layer running, and in the run."""
+        in_layer, in_run = self.in_layer.get(key, 0), self.in_run.get(key, 0)
+        self.in_layer[key], self.in_run[key] = in_layer + 1, in_run + 1
+        return in_layer, in_run
+
+
+def _on_call(
+    sites: list[_Site], key: Any, call: tuple, output: Any, current: _Running, config: ModelConfig, prefix: str
+) -> None:
+    """Record what the sites read from one call (`call`: its args, kwargs and the callable, for its signature). A
+    name with a `{layer}` slot counts calls (`call=N`) in the layer running; other names, in the whole run."""
+    in_layer, in_run = current.count(key)
+    for site in sites:
+        if site.tap.call != (in_layer if site.per_layer else in_run):
+            continue
+        layer = site.layer if site.layer is not None else current.index
+        with _about(site, layer, current.n_layers):
+            if site.per_layer and (layer is None or layer >= current.n_layers):
+                raise HarnessError("called outside the decoder layers: no layer to name it after")
+            args, kwargs, function = call
+            value = site.tap.value(args, output, config, keywords=kwargs, function=function, step=current.step)
+            _record(site.name_at(layer), value, config, prefix)
+
+
+def _first_input(args: tuple, kwargs: dict, function: Callable) -> tuple[Any, str | None]:
+    """A call's first input, and the keyword it was passed as (None: positional)."""
+    if args:
+        return args[0], None
+    try:
+        first = next(iter(inspect.signature(function).parameters), None)
+    except (TypeError, ValueError):
+        first = None
+    if first not in kwargs:
+        raise HarnessError(f"called with no input: no positional one, keywords {sorted(kwargs)}")
+    return kwargs[first], first
+
+
+@contextmanager
+def _layer_pre_hook(module: torch.nn.Module, path: str, index: int, current: _Running) -> Iterator[None]:
+    def pre_hook(mod, args, kwargs):
+        current.enter(index)
+        try:
+            x, keyword = _first_input(args, kwargs, mod.forward)
+        except HarnessError as e:
+            raise HarnessError(f"adapter: the layer input of {path!r} (layer {index}): {e}") from None
+        replaced = layer_input(index, x)  # isolated mode: the reference's input; otherwise x itself
+        if replaced is x:
+            return None
+        return ((replaced, *args[1:]), kwargs) if keyword is None else (args, {**kwargs, keyword: replaced})
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
 
 
-def _module_hook(name: str, tap: Tap, config: ModelConfig, prefix: str):
-    def hook(module, inputs, output) -> None:  # returns None: a forward hook's return value would replace the output
-        _record(name, tap.value(inputs, output, config), config, prefix)
+def _module_hook(sites: list[_Site], current: _Running, config: ModelConfig, prefix: str):
+    def hook(module, args, kwargs, output) -> None:  # returns None: a forward hook's return value replaces the output
+        _on_call(sites, module, (args, kwargs, module.forward), output, current, config, prefix)
 
     return hook
 
 
 @contextmanager
-def _wrapped(
-    target: str, taps: list[tuple[str, Tap]], current: _Layer, config: ModelConfig, prefix: str
-) -> Iterator[None]:
+def _wrapped(target: str, sites: list[_Site], current: _Running, config: ModelConfig, prefix: str) -> Iterator[None]:
     """Replace `package.module:function` for the run by a wrapper that records its inputs/outputs."""
-    module, attr = _function(target)
+    with _about(sites[0], None, running=False):
+        module, attr = _function(target)
     original = getattr(module, attr)
 
     def wrapper(*args, **kwargs):
         output = original(*args, **kwargs)
-        call = current.count(target)
-        for name, tap in taps:
-            if tap.call == call:
-                if "{layer}" in name and current.index is None:
-                    raise HarnessError(f"adapter: {target} was called outside a decoder layer; cannot name {name!r}")
-                _record(
-                    name.format(layer=current.index, head="{head}"), tap.value(args, output, config), config, prefix
-                )
+        _on_call(sites, target, (args, kwargs, original), output, current, config, prefix)
         return output
 
     setattr(module, attr, wrapper)

@@ -1,6 +1,8 @@
 """Meta <-> Hugging Face: tensor names, and the q/k row order that HF's `rotate_half` expects.
 
 Meta rotates interleaved pairs (x0, x1), (x2, x3), ...; HF rotates halves (x0, x_{d/2}), ... so wq/wk rows are permuted.
+Public, for adapters that load a checkpoint into a model of HF's layout (docs/adapters.md): a Meta tensor `name` goes
+to HF as `meta_to_hf_name(name)`, its rows `permute_to_hf(w, getattr(config, heads_of(name)))` when `heads_of` says so.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ HF_TO_META = {
 }
 META_TO_HF = {meta: hf for hf, meta in HF_TO_META.items()}
 
+__all__ = [
+    "HF_TO_META",
+    "META_TO_HF",
+    "half_split_to_interleaved",
+    "heads_of",
+    "hf_config",
+    "hf_to_meta_name",
+    "meta_to_hf_name",
+    "permute_to_hf",
+    "permute_to_meta",
+]
+
 
 def _translate(name: str, table: dict[str, str]) -> str | None:
     layer = re.search(r"\.(\d+)\.", name)
@@ -42,21 +56,28 @@ def _translate(name: str, table: dict[str, str]) -> str | None:
 
 
 def hf_to_meta_name(name: str) -> str | None:
+    """An HF tensor's Meta name: "model.layers.3.self_attn.q_proj.weight" -> "layers.3.attention.wq.weight"; None
+    for a name with no Meta counterpart (e.g. "model.layers.0.self_attn.rotary_emb.inv_freq")."""
     return _translate(name, HF_TO_META)
 
 
 def meta_to_hf_name(name: str) -> str | None:
+    """A Meta tensor's HF name: "layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight"; None
+    for a name with no HF counterpart (e.g. "rope.freqs")."""
     return _translate(name, META_TO_HF)
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved q/k rows -> HF's half-split rows, per head (the permute of convert_llama_weights_to_hf.py)."""
+    """Meta's interleaved q/k rows -> HF's half-split rows, per head (the permute of convert_llama_weights_to_hf.py).
+
+    w: wq [n_heads * hd, dim] with `n_heads`, or wk [n_kv_heads * hd, dim] with `n_kv_heads` (see `heads_of`)."""
     d1, d2 = w.shape
     return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
 
 
 def permute_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `permute_to_hf`."""
+    """The inverse of `permute_to_hf`: HF's half-split q/k rows -> Meta's interleaved ones (what reading an HF
+    checkpoint into Meta's layout does)."""
     d1, d2 = w.shape
     return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
 
