@@ -73,6 +73,11 @@ def resolve(spec: str | Forward | Implementation, **options: Any) -> Implementat
         return Implementation(name, spec)
     if spec in ("scratch", "reference"):
         return builtin(spec, **options)
+    if spec.startswith("dump:"):  # a port's dumped tensors, traced as an implementation (docs/ports.md)
+        from .dump import dump_forward, is_dump_spec
+
+        if is_dump_spec(spec):
+            return Implementation(spec, *dump_forward(spec))
     if ":" not in spec:
         raise HarnessError(f"--impl {spec}: expected scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
     where, attr = spec.rsplit(":", 1)
