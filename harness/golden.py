@@ -25,13 +25,15 @@ from .trace_file import FORMAT_VERSION, READABLE_VERSIONS, library_versions
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 
-# Tight bounds (relative L2 per name, direct comparison with the golden trace): only float differences across CPUs
-# may pass. float32: same ops, other SIMD widths reorder sums; each reordering moves a value by ~1e-7 relative, and
-# 3 layers compound that to ~1e-6 (not measured across CPUs here: one machine gives bit-identical traces, which
-# tests/test_scratch.py checks), so 1e-5. bfloat16: one reordered sum can flip a value by one bf16 ulp (2^-8);
-# 1e-2 allows a few such flips per tensor and nothing like a changed formula.
-GOLDEN_RTOL = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 1e-2, "float16": 2e-3}
-GOLDEN_ATOL = {"float32": 1e-7, "float64": 1e-15, "bfloat16": 1e-3, "float16": 2e-4}
+# Tight bounds (relative L2 per name, direct comparison with the golden trace: rel_l2 <= rtol + atol sqrt(n) / ||A||):
+# only float differences across CPUs may pass. Measured (docs/golden.md#the-bounds, 2026-11-29, torch 2.13.0): the
+# scratch forward and examples/my_llama.py on tiny 3.0/3.1/3.2, traced under other CPU code paths than this AVX512
+# machine's (ATen/MKL/oneDNN limited to AVX2 as on GitHub's runners, to SSE4, MKL_CBWR=COMPATIBLE, 1 thread) and
+# compared with the default trace: worst rel_l2 float32 3.0e-6, bfloat16 1.1e-2 (oneDNN's AVX2 bf16 matmul against
+# AVX512-BF16's), float16 1.4e-3, float64 7.8e-7 (my_llama.py keeps RoPE and softmax in float32, as the notebook; the
+# scratch forward: 6.4e-15). Largest ratio under these bounds 0.31 (3x headroom); thread counts changed nothing.
+GOLDEN_RTOL = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 3e-2, "float16": 5e-3}
+GOLDEN_ATOL = {"float32": 1e-7, "float64": 1e-7, "bfloat16": 1e-3, "float16": 5e-4}
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,10 @@ def read_recipe(golden_dir: Path = GOLDEN_DIR) -> tuple[str, list[Entry]]:
         recipe = json.loads(path.read_text())
         return recipe["prompt"], [Entry(e["variant"], int(e["seed"]), e["dtype"]) for e in recipe["traces"]]
     except FileNotFoundError:
-        raise HarnessError(f"{path}: golden recipe not found") from None
+        raise HarnessError(
+            f"{path}: golden recipe not found (the harness's own golden/, in a source checkout; for your "
+            f"implementation: python -m harness golden record / check, docs/golden.md)"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise HarnessError(f"{path}: not a valid golden recipe ({e})") from None
 

@@ -187,16 +187,16 @@ def make_tiny_meta(out: Path, *, seed: int = 0, variant: str = "3.0", params: di
 
 
 def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "meta", shape: str = "tiny") -> None:
-    """`make-tiny`: Meta format directly; HF format by converting a Meta one written to a temporary folder."""
+    """`make-tiny`: Meta format directly; HF format by converting a Meta one written to a temporary folder. Either way
+    `tiny.json` beside the weights says how to make it again (`read_recipe`, `remake`)."""
     if variant not in VARIANTS:
         raise HarnessError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     params = shape_params(shape, variant)
     if fmt == "meta":
-        return make_tiny_meta(out, seed=seed, variant=variant, params=params)
+        make_tiny_meta(out, seed=seed, variant=variant, params=params)
+        return write_recipe(Path(out), dict(variant=variant, seed=seed, format=fmt, shape=shape))
     if fmt != "hf":
         raise HarnessError(f"unknown format {fmt!r}; choose meta or hf")
-    import tempfile
-
     from .convert import convert
 
     out = Path(out)
@@ -204,6 +204,40 @@ def make_tiny(out: Path, *, seed: int = 0, variant: str = "3.0", fmt: str = "met
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         make_tiny_meta(Path(tmp) / "meta", seed=seed, variant=variant, params=params)
         convert(Path(tmp) / "meta", out, to="hf")
+    write_recipe(out, dict(variant=variant, seed=seed, format=fmt, shape=shape))
+
+
+# ---- the recipe: how a tiny checkpoint was made, so a golden set (harness/golden_set.py) can make it again ----------
+
+RECIPE_FILE = "tiny.json"
+RECIPE_KEYS = ("variant", "seed", "format", "shape")
+
+
+def write_recipe(out: Path, recipe: dict) -> None:
+    text = json.dumps(dict(made_by="python -m harness make-tiny", **recipe), indent=1)
+    (Path(out) / RECIPE_FILE).write_text(text + "\n")
+
+
+def read_recipe(checkpoint_dir: str | Path) -> dict | None:
+    """(variant, seed, format, shape) from a checkpoint's `tiny.json`; None when it has none (not made by make-tiny)."""
+    path = Path(checkpoint_dir) / RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        recipe = {key: data[key] for key in RECIPE_KEYS}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise HarnessError(f"{path}: not a make-tiny recipe ({type(e).__name__}: {e})") from None
+    known = recipe["variant"] in VARIANTS and recipe["format"] in ("meta", "hf") and recipe["shape"] in SHAPES
+    if not known or not isinstance(recipe["seed"], int):
+        raise HarnessError(f"{path}: unknown make-tiny recipe {recipe} (variants {', '.join(VARIANTS)})")
+    return recipe
+
+
+def remake(recipe: dict, out: Path) -> Path:
+    """The tiny checkpoint of `recipe` made again in `out` (new or empty): bit-identical for one torch version."""
+    make_tiny(out, seed=recipe["seed"], variant=recipe["variant"], fmt=recipe["format"], shape=recipe["shape"])
+    return Path(out)
 
 
 def make_tiny_once(root: Path, variant: str, seed: int) -> Path:
@@ -215,6 +249,7 @@ def make_tiny_once(root: Path, variant: str, seed: int) -> Path:
         if not out.exists():
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}."))
             make_tiny_meta(tmp / "ckpt", seed=seed, variant=variant)
+            write_recipe(tmp / "ckpt", dict(variant=variant, seed=seed, format="meta", shape="tiny"))
             os.replace(tmp / "ckpt", out)
             tmp.rmdir()
     return out

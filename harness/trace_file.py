@@ -10,6 +10,7 @@ import platform
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,9 @@ def library_versions() -> dict[str, str]:
         "numpy": np.__version__,
     }
     for mod in ("transformers", "tiktoken", "harness"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
+        try:  # transformers from its installed metadata: importing it costs seconds, and a golden check runs without it
+            versions[mod] = metadata.version(mod) if mod == "transformers" else __import__(mod).__version__
+        except (ImportError, AttributeError):  # metadata.PackageNotFoundError is an ImportError
             pass
     return versions
 
