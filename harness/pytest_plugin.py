@@ -3,20 +3,27 @@
 After `pip install llama3-harness`, in any repository and with no test files of its own:
 `pytest -n auto --llama3-impl my_llama.py:forward --llama3-checkpoint ~/Meta-Llama-3-8B` runs `test_head[layer3-head7-
 q_rotated]`, ... (harness/suite.py) for that implementation; without `--llama3-checkpoint`, on the bundled tiny ones.
-Layers and heads come from the checkpoint's own config. Traces are computed once per session, shared by xdist workers.
+pytest loads this module in every project of the environment, so it imports nothing heavy and prints nothing until the
+suite is asked for; the work is harness/suite_cases.py's. Private pytest API used here: docs/pytest-plugin.md.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
+import shutil
+import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .suite_cases import Case, SuiteOptions
 
 OPTIONS = {  # option: (environment variable, help)
     "checkpoint": (
@@ -36,22 +43,34 @@ OPTIONS = {  # option: (environment variable, help)
         "LLAMA3_GENERATE",
         "N: a prefill and N decode steps with a KV cache, tests per step (step3-layer1-head2-scores)",
     ),
+    "golden": (
+        "LLAMA3_GOLDEN",
+        "a golden set's folder: judge the implementation against it, without running the reference",
+    ),
 }
 SUITE = Path(__file__).with_name("suite.py")
+NAMING = ("impl", "checkpoint", "golden")  # naming one of these asks for the suite
 
 
-def _in_this_checkout() -> bool:
-    """pytest run inside the harness's own source checkout: there the short spellings (--checkpoint ...) work too."""
-    root = Path(__file__).resolve().parent.parent
-    return (
-        (root / "tests").is_dir() and (root / "pyproject.toml").is_file() and Path.cwd().resolve().is_relative_to(root)
-    )
+@dataclass
+class SuiteState:
+    """What this process knows of the suite: the options, the cases, and the tiny checkpoints' folder when the
+    controller made them (checking the inputs); `made_here`: this process removes that folder at the end."""
+
+    options: SuiteOptions
+    cases: list[Case]
+    run_id: str  # one per session, the same in every xdist worker
+    tiny_root: Path | None = None
+    made_here: bool = False
+
+
+STATE = pytest.StashKey[SuiteState]()
 
 
 def pytest_addoption(parser):
     parser.addini("llama3_suite", type="bool", default=False, help="run the Llama-3 suite with the testpaths")
     group = parser.getgroup("llama3", "Llama-3 verification harness (llama3-harness)")
-    short = _in_this_checkout()
+    short = suite_project(Path.cwd())
     for name, (env, help_text) in OPTIONS.items():
         flag = name.replace("_", "-")
         flags = [f"--llama3-{flag}"] + ([f"--{flag}"] if short else [])
@@ -61,6 +80,25 @@ def pytest_addoption(parser):
             )
         else:
             group.addoption(*flags, dest=f"llama3_{name}", default=None, help=f"{help_text} (env {env})")
+
+
+def suite_project(folder: Path) -> bool:
+    """Whether pytest starts inside a project whose pyproject.toml sets `llama3_suite = true` (this repository): there
+    the short spellings (--checkpoint, --impl, ...) are registered too. Options are registered before pytest reads
+    its ini file (pytest_load_initial_conftests), so the nearest pyproject.toml with a [tool.pytest] table is read."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pytest depends on tomli before 3.11
+        import tomli as tomllib
+    for parent in (folder, *folder.parents):
+        path = parent / "pyproject.toml"
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("pytest")
+        except (OSError, ValueError):
+            continue
+        if table is not None:
+            return str(table.get("ini_options", table).get("llama3_suite", "")).lower() in ("true", "1")
+    return False
 
 
 def option(config, name: str):
@@ -73,25 +111,27 @@ def option(config, name: str):
     return value
 
 
+def suite_requested(config) -> bool:
+    """The suite joins the collection when an implementation, a checkpoint or a golden set is named (an option or its
+    environment variable), or when the ini option `llama3_suite` is set and pytest runs its `testpaths` (no paths
+    given: this repository's `pytest`)."""
+    if any(option(config, name) is not None for name in NAMING):
+        return True
+    return bool(config.getini("llama3_suite")) and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
-    """pytest picks its rootdir (and so its ini file and conftest.py) from the command line before a plugin's options
-    are known: `--llama3-checkpoint DIR` makes DIR look like a test path. Pick it again without our options' values."""
+    """pytest picks its rootdir (and so its ini file and conftest.py) from the command line before an entry-point
+    plugin's options are known: `--llama3-checkpoint DIR` makes DIR look like a test path, and the rootdir DIR. No
+    public hook runs between the two, so pick it again without our options' values, through pytest's own
+    `determine_setup` and the private Config attributes it sets (checked with pytest 8.0.2, 8.4.2 and 9.2.0;
+    tests/test_suite.py runs the case)."""
     ns = early_config.known_args_namespace
     ours = [getattr(ns, f"llama3_{name}", None) for name in OPTIONS]
     if not any(isinstance(v, str) and Path(v).exists() for v in ours) or ns.rootdir or ns.inifilename:
         return
-    from _pytest.config.findpaths import determine_setup
-
-    kwargs = dict(
-        inifile=None,
-        override_ini=ns.override_ini,
-        args=ns.file_or_dir,
-        rootdir_cmd_arg=None,
-        invocation_dir=early_config.invocation_params.dir,
-    )
-    accepted = inspect.signature(determine_setup).parameters
-    rootpath, inipath, inicfg, *_ = determine_setup(**{k: v for k, v in kwargs.items() if k in accepted})
+    rootpath, inipath, inicfg = _determine_setup(early_config, ns.file_or_dir, ns.override_ini)
     if rootpath == early_config.rootpath and inipath == early_config.inipath:
         return  # the values misled nothing (given with `=`, or beside the project anyway)
     early_config._rootpath, early_config._inipath, early_config._inicfg = rootpath, inipath, inicfg
@@ -104,115 +144,96 @@ def pytest_load_initial_conftests(early_config, parser, args):
         early_config.pluginmanager.consider_preparse(addopts, exclude_only=False)
         early_config.known_args_namespace = parser.parse_known_args(args, namespace=copy.copy(early_config.option))
         early_config.known_args_namespace.confcutdir = ns.confcutdir
+        if early_config.known_args_namespace.override_ini != ns.override_ini:  # `-o` in addopts (pytest 9.2 applies)
+            early_config._inicfg = _determine_setup(
+                early_config, ns.file_or_dir, early_config.known_args_namespace.override_ini
+            )[2]
+            early_config._inicache.clear()
 
 
-@dataclass(frozen=True)
-class Case:
-    """One (checkpoint, dtype) the suite verifies; `tiny` is (variant, seed) for a bundled tiny checkpoint."""
+def _determine_setup(early_config, file_or_dir, override_ini):
+    """(rootpath, inipath, inicfg) as pytest determines them from these arguments; its signature across versions."""
+    from _pytest.config.findpaths import determine_setup
 
-    id: str
-    dtype: str
-    n_layers: int
-    n_heads: int
-    checkpoint: str | None = None
-    tiny: tuple[str, int] | None = None
-    impl: str = "scratch"
-    generate: int = 0  # decode steps after the prefill (--llama3-generate)
-
-
-def suite_cases(config) -> list[Case]:
-    from harness.implementation import resolve
-    from harness.run import parse_dtype
-
-    explicit = option(config, "dtype")
-    checkpoint = option(config, "checkpoint")
-    impl = option(config, "impl") or "scratch"
-    dtypes = (explicit or ("bfloat16" if checkpoint else "float32,bfloat16")).split(",")
-    for d in dtypes:
-        parse_dtype(d)
-    generate = _generate(option(config, "generate"))
-    resolved = resolve(impl)  # a bad --llama3-impl is a usage error now, not a thousand red tests
-    suite_prompt(config)  # and so is a missing prompt file
-    if generate:
-        from harness.implementation import decoder
-
-        decoder(resolved)  # and one without the decode contract too
-    if checkpoint:
-        from harness.checkpoint import open_checkpoint
-
-        c = open_checkpoint(checkpoint).config
-        return [Case(d, d, c.n_layers, c.n_heads, checkpoint=checkpoint, impl=impl, generate=generate) for d in dtypes]
-    from harness.tiny import VARIANTS
-
-    return [
-        Case(
-            f"tiny{v}-{d}",
-            d,
-            VARIANTS[v]["n_layers"],
-            VARIANTS[v]["n_heads"],
-            tiny=(v, 0),
-            impl=impl,
-            generate=generate,
-        )
-        for v in VARIANTS
-        for d in dtypes
-    ]
-
-
-def suite_prompt(config) -> str:
-    from harness.run import DEFAULT_PROMPT, read_prompt_file
-
-    if option(config, "prompt") is not None and option(config, "prompt_file") is not None:
-        raise pytest.UsageError("--llama3-prompt and --llama3-prompt-file are exclusive: give one")
-    return (
-        read_prompt_file(option(config, "prompt_file"))
-        if option(config, "prompt_file")
-        else option(config, "prompt") or DEFAULT_PROMPT
+    kwargs = dict(
+        inifile=None,
+        override_ini=override_ini,
+        args=file_or_dir,
+        rootdir_cmd_arg=None,
+        invocation_dir=early_config.invocation_params.dir,
     )
-
-
-def _generate(value) -> int:
-    from harness.errors import HarnessError
-
-    try:
-        n = int(value or 0)
-    except ValueError:
-        raise HarnessError(f"--llama3-generate {value}: expected a number of decode steps") from None
-    if n < 0:
-        raise HarnessError(f"--llama3-generate {value}: expected a number of decode steps, 0 or more")
-    return n
-
-
-def _suite_requested(config) -> bool:
-    """The suite joins the collection when an implementation or a checkpoint is named on the command line, or when the
-    ini option `llama3_suite` is set and pytest runs its `testpaths` (no paths given: this repository's `pytest`)."""
-    if config.getoption("llama3_impl") is not None or config.getoption("llama3_checkpoint") is not None:
-        return True
-    return bool(config.getini("llama3_suite")) and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    accepted = inspect.signature(determine_setup).parameters
+    rootpath, inipath, inicfg, *_ = determine_setup(**{k: v for k, v in kwargs.items() if k in accepted})
+    return rootpath, inipath, inicfg
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    from harness.errors import HarnessError
-
-    if hasattr(config, "workerinput"):  # an xdist worker: one torch thread each, so N workers use N cores, not N^2
-        import torch
-
-        torch.set_num_threads(1)
-    try:
-        config._llama3_cases = suite_cases(config)
-    except HarnessError as e:
-        raise pytest.UsageError(str(e)) from None
-    if _suite_requested(config) and SUITE not in {Path(a.split("::")[0]).resolve() for a in config.args}:
+    if not suite_requested(config):
+        return  # not asked for: nothing imported, nothing printed (this repository's tests of `case` load it lazily)
+    config.stash[STATE] = load_suite(config, check=not hasattr(config, "workerinput"))  # once, by the controller
+    if SUITE not in {Path(a.split("::")[0]).resolve() for a in config.args}:
         config.args.append(str(SUITE))
 
 
+def load_suite(config, *, check: bool) -> SuiteState:
+    """The options read, the cases made and (`check`) every input a run would refuse refused now, as one line. The
+    checks make the tiny checkpoints where the runs find them: beside the kept traces, else in a temporary folder."""
+    from .errors import HarnessError
+    from .suite_cases import check_inputs, read_options, suite_cases
+
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # an xdist worker: one torch thread each, so N workers use N cores, not N^2
+        import torch
+
+        torch.set_num_threads(1)
+    run_id = workerinput["testrunuid"] if workerinput else uuid.uuid4().hex
+    tiny_root = Path(workerinput["llama3_tiny"]) if workerinput and "llama3_tiny" in workerinput else None
+    temporary = None
+    try:
+        options = read_options(lambda name: option(config, name))
+        cases = suite_cases(options)
+        if check:
+            made = options.golden is not None or any(c.tiny for c in cases)  # else no checkpoint to make
+            temporary = Path(tempfile.mkdtemp(prefix="llama3-tiny-")) if made and not options.trace_dir else None
+            tiny_root = temporary or (Path(options.trace_dir) / "tiny" if made else None)
+            check_inputs(options, cases, tiny_root)
+    except HarnessError as e:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise pytest.UsageError(str(e)) from None
+    return SuiteState(options, cases, run_id, tiny_root, made_here=temporary is not None)
+
+
+def suite_state(config) -> SuiteState:
+    """The suite's state; for this repository's own tests of `verified(case)` without any option, the defaults."""
+    if STATE not in config.stash:
+        config.stash[STATE] = load_suite(config, check=False)
+    return config.stash[STATE]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist: tell each worker where the controller made the tiny checkpoints."""
+    state = node.config.stash.get(STATE, None)
+    if state is not None and state.tiny_root is not None:
+        node.workerinput["llama3_tiny"] = str(state.tiny_root)
+
+
+def pytest_unconfigure(config):
+    state = config.stash.get(STATE, None)
+    if state is not None and state.made_here:
+        shutil.rmtree(state.tiny_root, ignore_errors=True)
+
+
 def pytest_report_header(config):
-    cases = getattr(config, "_llama3_cases", [])
-    impl = cases[0].impl if cases else "scratch"
+    state = config.stash.get(STATE, None)
+    if state is None or not suite_requested(config):
+        return None
+    against = f"golden set {state.options.golden.path}" if state.options.golden else "Hugging Face"
     return [
-        f"llama3 harness: {impl} against Hugging Face, {len(cases)} case(s): "
-        + ", ".join(f"{c.id} ({c.n_layers} layers x {c.n_heads} heads)" for c in cases)
+        f"llama3 harness: {state.options.impl} against {against}, {len(state.cases)} case(s): "
+        + ", ".join(f"{c.id} ({c.n_layers} layers x {c.n_heads} heads)" for c in state.cases)
     ]
 
 
@@ -230,9 +251,11 @@ def _step_id(step: int | None) -> str:
 
 
 def pytest_generate_tests(metafunc):
-    from harness.names import head_parts, layer_parts
+    if not {"head_case", "layer_case", "case"} & set(metafunc.fixturenames):
+        return
+    from .names import head_parts, layer_parts
 
-    cases = metafunc.config._llama3_cases
+    cases = suite_state(metafunc.config).cases
     if "head_case" in metafunc.fixturenames:
         params = [
             (c, layer, head, part, step)
@@ -261,90 +284,28 @@ def pytest_generate_tests(metafunc):
 # ---- computed once per session, by whichever worker gets there first -------------------------------------------------
 
 
-def _session_id(config) -> str:
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:
-        return workerinput["testrunuid"]
-    if not hasattr(config, "_llama3_run_id"):
-        config._llama3_run_id = uuid.uuid4().hex
-    return config._llama3_run_id
-
-
 @pytest.fixture(scope="session")
-def shared_dir(tmp_path_factory, worker_id) -> Path:
+def shared_dir(request, tmp_path_factory) -> Path:
     """A folder every xdist worker of this session sees: the session's base temp, not a worker's own."""
     base = tmp_path_factory.getbasetemp()
-    return base if worker_id == "master" else base.parent
-
-
-@dataclass
-class Verified:
-    """A case's verify run: the comparison as JSON (results by name) and where its traces are."""
-
-    case: Case
-    out: Path
-    comparison: dict
-    summary: dict
-
-    def result(self, name: str) -> dict:
-        if not hasattr(self, "_by_name"):  # each of the thousand tests asks for one name
-            self._by_name = {r["name"]: r for r in self.comparison["results"]}
-        if name in self._by_name:
-            return self._by_name[name]
-        raise AssertionError(f"{name!r} was not compared (only in one trace?) in {self.out / 'comparison.json'}")
+    return base.parent if hasattr(request.config, "workerinput") else base
 
 
 @pytest.fixture(scope="session")
 def verified(request, shared_dir):
-    """`verified(case)`: trace reference + scratch, compare, once per session for all workers (under a file lock)."""
-    from filelock import FileLock
+    """`verified(case)`: trace reference + implementation, compare, once per session for all workers (under a file
+    lock); or, with a golden set, check the implementation against it."""
+    from .suite_cases import verified_once
 
-    from harness.tiny import make_tiny_once
-
-    config = request.config
-    keep = option(config, "trace_dir")
-    root = Path(keep) if keep else shared_dir / "llama3-traces"
+    state = suite_state(request.config)
+    root = Path(state.options.trace_dir) if state.options.trace_dir else shared_dir / "llama3-traces"
     root.mkdir(parents=True, exist_ok=True)
-    session = _session_id(config)
-    cache: dict[str, Verified] = {}
+    tiny_root = state.tiny_root or shared_dir / "tiny"
+    cache = {}
 
-    def get(case: Case) -> Verified:
-        if case.id in cache:
-            return cache[case.id]
-        out = root / case.id
-        with FileLock(str(root / f".{case.id}.lock")):
-            summary_path = out / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            if summary.get("session") != session:
-                from harness.files import atomic_path
-                from harness.verify import verify
-
-                checkpoint = case.checkpoint or make_tiny_once(shared_dir / "tiny", *case.tiny)
-                result = verify(
-                    checkpoint,
-                    out=out,
-                    dtype=case.dtype,
-                    prompt=suite_prompt(config),
-                    isolated=bool(option(config, "isolated")),
-                    impl=case.impl,
-                    generate=case.generate,
-                )
-                summary = dict(
-                    session=session,
-                    impl=case.impl,
-                    trace=str(result.trace_path),
-                    reference_token=result.reference_token,
-                    impl_token=result.implementation_token,
-                    reference_text=result.reference_text,
-                    impl_text=result.implementation_text,
-                    checkpoint=str(checkpoint),
-                    reference_generated=result.reference_generated,
-                    impl_generated=result.implementation_generated,
-                )
-                with atomic_path(summary_path) as tmp:
-                    tmp.write_text(json.dumps(summary))
-        comparison = json.loads((out / "comparison.json").read_text())
-        cache[case.id] = Verified(case, out, comparison, summary)
+    def get(case: Case):
+        if case.id not in cache:
+            cache[case.id] = verified_once(case, state.options, root=root, session=state.run_id, tiny_root=tiny_root)
         return cache[case.id]
 
     return get
@@ -352,7 +313,8 @@ def verified(request, shared_dir):
 
 def pytest_collection_modifyitems(config, items):
     """Keep each shared computation's tests on one xdist worker (`--dist loadgroup`), so that workers compute
-    different cases side by side instead of waiting on each other's file lock."""
+    different cases side by side instead of waiting on each other's file lock. A test module may name its own group
+    (`XDIST_GROUP`, a string or a function of the item)."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         group = None
@@ -361,7 +323,7 @@ def pytest_collection_modifyitems(config, items):
                 value = params[key]
                 group = (value[0] if isinstance(value, tuple) else value).id
         if group is None:
-            group = getattr(item.module, "XDIST_GROUP", None)
+            group = getattr(getattr(item, "module", None), "XDIST_GROUP", None)
             if callable(group):
                 group = group(item)
         if group is not None:

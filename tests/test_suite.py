@@ -77,7 +77,8 @@ def test_changed_forward_turns_golden_and_matching_tests_red(pytester):
     assert "first divergence in the whole trace: layers.0.attention.heads.0.scores" in out, out
 
 
-def _unseen_checkpoint(tmp_path: Path) -> Path:
+def unseen_checkpoint(tmp_path: Path) -> Path:
+    """2 layers x 4 heads, one KV head: a shape none of the bundled tiny checkpoints has."""
     from harness.tiny import make_tiny_meta
 
     ckpt = tmp_path / "unseen"
@@ -92,7 +93,7 @@ def _unseen_checkpoint(tmp_path: Path) -> Path:
 def test_plugin_runs_the_suite_for_a_users_file_with_no_test_files(pytester, tmp_path):
     """A fresh directory holding only the user's implementation: the plugin collects the layer x head suite from the
     checkpoint's own config (2 layers x 4 heads here), with the space-separated spelling of the options."""
-    ckpt = _unseen_checkpoint(tmp_path)
+    ckpt = unseen_checkpoint(tmp_path)
     shutil.copy(EXAMPLE, pytester.path / "my_llama.py")
     result = pytester.runpytest_subprocess(
         "-p",
@@ -121,7 +122,7 @@ def test_plugin_runs_the_suite_for_a_users_file_with_no_test_files(pytester, tmp
 def test_plugin_turns_red_at_the_layer_and_head_of_a_bug(pytester, tmp_path):
     """The user's file with a bug in head 2 of the last layer's scores: red there (and after it in that head), named
     with the file, the first divergence and the compare command; isolated, so nothing before it drifts."""
-    ckpt = _unseen_checkpoint(tmp_path)
+    ckpt = unseen_checkpoint(tmp_path)
     source = EXAMPLE.read_text().replace(
         "scores = q_rotated @ keys.T / hd**0.5",
         "scores = q_rotated @ keys.T / hd**0.5 * (1.5 if (layer, head) == (1, 2) else 1)",
@@ -160,7 +161,7 @@ def test_plugin_turns_red_at_the_layer_and_head_of_a_bug(pytester, tmp_path):
 def test_repo_suite_takes_a_checkpoint_outside_the_repo_with_a_space(tmp_path):
     """`pytest --checkpoint DIR` (not `--checkpoint=DIR`) in this repository, DIR anywhere: pytest must not take DIR for
     its rootdir (it would then miss this repo's pyproject.toml and conftest.py)."""
-    ckpt = _unseen_checkpoint(tmp_path)
+    ckpt = unseen_checkpoint(tmp_path)
     result = subprocess.run(
         [
             sys.executable,
@@ -191,7 +192,7 @@ def test_repo_suite_takes_a_checkpoint_outside_the_repo_with_a_space(tmp_path):
 
 def test_plugin_generate_parametrizes_by_step(pytester, tmp_path):
     """--llama3-generate N: head and layer tests for every step (step0: the prefill), the example with its KV cache."""
-    ckpt = _unseen_checkpoint(tmp_path)
+    ckpt = unseen_checkpoint(tmp_path)
     shutil.copy(EXAMPLE, pytester.path / "my_llama.py")
     result = pytester.runpytest_subprocess(
         "-p",
