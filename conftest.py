@@ -26,6 +26,9 @@ def pytest_configure(config):
     nothing from more, and on a busy machine threads waiting on each other made a scratch trace 2.6 s instead of 0.14 s
     (measured on the 2-core development machine under load)."""
     torch.set_num_threads(1)
+    # pyproject.toml registers it here; registered again for a run that loads this file from elsewhere (an editable
+    # install's suite collected in another project), so that marking the suite slow warns of nothing there
+    config.addinivalue_line("markers", "slow: runs the reference with its float64 oracle, or a pytest subprocess")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -153,7 +153,7 @@ def correct_runs(work: Path, variants, seeds, dtypes, lengths, impls, rows: dict
 
 
 def mutant_runs(work: Path, dtypes, lengths, rows: dict, weakest: dict, misses: list) -> None:
-    from test_mutations import CATALOGUE
+    from tests.mutants import FORWARD as CATALOGUE
 
     ckpt = checkpoint(work, "3.0", 0)
     for dtype in dtypes:

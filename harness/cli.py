@@ -11,8 +11,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from . import __version__
 from .errors import HarnessError
 from .run import DEFAULT_PROMPT, DTYPES
+
+DESCRIPTION = "Verify a hand-written Llama-3 against Hugging Face's, intermediate by intermediate."
+EPILOG = (
+    "`python -m harness COMMAND --help` lists a command's options. Exit codes: 0 pass (or done), 1 a divergence, "
+    "2 bad input (one line on stderr; --debug for a traceback), 3 a bug of ours, 130 interrupted."
+)
 
 
 def _prompt(args: argparse.Namespace) -> str:
@@ -25,20 +32,25 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
     make_tiny(Path(args.dir), seed=args.seed, variant=args.variant, fmt=args.format, shape=args.shape)
+    article = "an" if args.shape.startswith("8") else "a"  # "an 8b-wide": eight begins with a vowel sound
     print(
-        f"wrote a {args.shape} Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) to {args.dir}"
+        f"wrote {article} {args.shape} Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) to "
+        f"{args.dir}"
     )
     return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    import contextlib
+
     from .generation import trace_generation
     from .implementation import resolve
+    from .progress import quiet_transformers, wanted
     from .run import make_run, trace
 
     if args.vectorized and args.impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
-    impl = resolve(args.impl, vectorized=args.vectorized, progress=sys.stderr.isatty())
+    impl = resolve(args.impl, vectorized=args.vectorized, progress=wanted())
     run = make_run(
         args.checkpoint,
         prompt=_prompt(args),
@@ -47,7 +59,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         names=args.names,
         generate=args.generate,
     )
-    logits = (trace_generation if args.generate else trace)(run, impl, args.out)
+    with quiet_transformers() if impl.name == "reference" else contextlib.nullcontext():
+        logits = (trace_generation if args.generate else trace)(run, impl, args.out)
     if args.generate:
         generated = logits[len(run.tokens) - 1 :].float().argmax(-1).tolist()  # each step's greedy token
         print(
@@ -101,7 +114,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .report import text_report
+    from .progress import wanted
+    from .report import generation_lines, text_report
     from .verify import verify
 
     result = verify(
@@ -111,27 +125,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
         prompt=_prompt(args),
         isolated=args.isolated,
         device=args.device,
-        progress=sys.stderr.isatty(),
+        progress=wanted(),
         impl=args.impl,
         vectorized=args.vectorized,
         generate=args.generate,
     )
     print(text_report(result.comparison))
+    n_tokens = len(result.comparison.tokens or []) - args.generate  # the prompt's (the comparison's: and the decoded)
     if args.generate:
-        from .report import generation_lines
-
         print("\n".join(generation_lines(result)))
-        print(f"traces, comparison.json and report.html written to {result.out}")
-        return 0 if result.passed else 1
-    print(
-        f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
-        f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})"
-    )
-    print(
-        f"prompt: {len(result.comparison.tokens or [])} tokens; "
-        f"traces, comparison.json and report.html written to {result.out}"
-    )
+        prompt = f"prompt: {n_tokens} tokens + {args.generate} decode steps"
+    else:
+        print(
+            f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
+            f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})"
+        )
+        prompt = f"prompt: {n_tokens} tokens"
+    if result.replaced:
+        print(f"{result.out} held a previous verify's files: replaced ({', '.join(result.replaced)})")
+    print(f"{prompt}; traces, comparison.json and report.html written to {result.out}")
     return 0 if result.passed else 1
+
+
+EXAMPLES = ("my_llama.py",)  # package data in harness/data, copies of examples/ (tests/test_findings.py checks)
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    out = Path(args.out or args.name)
+    if out.exists():
+        raise HarnessError(f"{out}: already exists; remove it or write elsewhere with --out")
+    out.write_text((resources.files("harness") / "data" / args.name).read_text(encoding="utf-8"), encoding="utf-8")
+    print(f"wrote {out}; try it: python -m harness verify CHECKPOINT --impl {out}:forward")
+    return 0
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
@@ -140,6 +167,12 @@ def cmd_golden(args: argparse.Namespace) -> int:
     from . import golden
     from .report import summary_line
 
+    if args.action and args.update:
+        raise HarnessError(f"golden --update rewrites the harness's own golden/; with `golden {args.action}` drop it")
+    if args.action == "record":
+        return _golden_record(args)
+    if args.action == "check":
+        return _golden_check(args)
     golden_dir = Path(args.golden_dir)
     if args.update:
         for path in golden.update(golden_dir):
@@ -154,6 +187,40 @@ def cmd_golden(args: argparse.Namespace) -> int:
             failed += not comparison.passed
             print(f"{entry.id}: {summary_line(comparison)}")
     return 1 if failed else 0
+
+
+def _golden_record(args: argparse.Namespace) -> int:
+    from . import golden_set
+
+    recorded = golden_set.record(
+        args.out,
+        args.impl,
+        args.checkpoint,
+        dtype=args.dtype,
+        prompt=_prompt(args),
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    print("\n".join(golden_set.record_lines(recorded)))
+    return 0 if recorded.golden is not None else 1
+
+
+def _golden_check(args: argparse.Namespace) -> int:
+    import contextlib
+    import tempfile
+    import time
+
+    from . import golden_set
+
+    start = time.perf_counter()
+    impl = args.impl or golden_set.read(args.golden_set).implementation
+    work = contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory()
+    with work as work_dir:
+        result = golden_set.check(args.golden_set, impl, checkpoint=args.checkpoint, work_dir=work_dir)
+        print("\n".join(golden_set.check_lines(result)))
+    imported = "imported by the implementation" if "transformers" in sys.modules else "not imported"
+    print(f"golden check: {time.perf_counter() - start:.1f} s, without the reference (transformers {imported})")
+    return 0 if result.passed else 1
 
 
 IMPL_HELP = (
@@ -172,6 +239,14 @@ def _add_generate_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_impl_options(p: argparse.ArgumentParser) -> None:
+    """`trace` and `verify`: the implementation run."""
+    p.add_argument("--impl", default="scratch", metavar="IMPL", help=IMPL_HELP + " (default: scratch)")
+    p.add_argument(
+        "--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)"
+    )
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument(
@@ -180,27 +255,43 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     prompt.add_argument(
         "--prompt-file", metavar="FILE", help="the prompt is this UTF-8 file's text, as it is (long prompts)"
     )
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="working dtype of the forward")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument(
+        "--dtype", default="float32", choices=list(DTYPES), help="working dtype of the forward (default: float32)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def _count(text: str) -> int:
+    """A number of things, 0 or more (`--seed`)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors as one line (not usage + error) and exit code 2."""
+    """argparse, with usage errors as one line (not usage + error) and exit code 2, and `--debug` accepted before or
+    after the command (each command's parser has it too, and sets it only when given)."""
+
+    def __init__(self, *args, top: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        default = False if top else argparse.SUPPRESS
+        self.add_argument("--debug", action="store_true", default=default, help="show a traceback on errors")
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _make_tiny_parser(sub) -> None:
     p = sub.add_parser("make-tiny", help="write a deterministic tiny Llama-3 checkpoint")
     p.add_argument("dir", help="output directory (created; must be new or empty)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", default="3.0", choices=["3.0", "3.1", "3.2"])
-    p.add_argument("--format", default="meta", choices=["meta", "hf"])
+    p.add_argument("--seed", type=_count, default=0, help="seed of the random weights, 0 or more (default: 0)")
+    p.add_argument(
+        "--variant",
+        default="3.0",
+        choices=["3.0", "3.1", "3.2"],
+        help="Llama 3.0, 3.1 (scaled RoPE) or 3.2 (tied embeddings) (default: 3.0)",
+    )
+    p.add_argument("--format", default="meta", choices=["meta", "hf"], help="Meta's or Hugging Face's (default: meta)")
     p.add_argument(
         "--shape",
         default="tiny",
@@ -209,24 +300,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_make_tiny)
 
+
+def _trace_parser(sub) -> None:
     p = sub.add_parser("trace", help="run one implementation and record every intermediate to HDF5")
     p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
-    p.add_argument("--impl", default="scratch", metavar="IMPL", help=IMPL_HELP + " (default: scratch)")
     p.add_argument("--out", required=True, help="trace file to write (.h5)")
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
-    p.add_argument(
-        "--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)"
-    )
+    _add_impl_options(p)
     _add_run_options(p)
     _add_generate_option(p)
     p.set_defaults(func=cmd_trace)
 
+
+def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="write a checkpoint in the other format (Meta <-> Hugging Face)")
     p.add_argument("src", help="Meta or Hugging Face checkpoint directory")
     p.add_argument("dst", help="new output directory")
     p.add_argument("--to", required=True, choices=["hf", "meta"], help="target format")
     p.set_defaults(func=cmd_convert)
 
+
+def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="compare two traces; exit 1 if B diverges from A")
     p.add_argument("a", help="trace A: the reference side (its float64 oracle, if any, calibrates the bounds)")
     p.add_argument("b", help="trace B: the implementation judged")
@@ -235,24 +329,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="fixed RMS absolute term against A (instead of the oracle rule)")
     p.set_defaults(func=cmd_compare)
 
+
+def _verify_parser(sub) -> None:
     p = sub.add_parser(
         "verify",
         help="trace the reference and an implementation (the from-scratch forward by default), compare, write a report",
     )
     p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
-    p.add_argument("--out", default="verify-out", help="folder for traces and report (default: ./verify-out)")
-    p.add_argument("--impl", default="scratch", metavar="IMPL", help=IMPL_HELP + " (default: scratch)")
+    p.add_argument(
+        "--out",
+        default="verify-out",
+        help="folder for traces and report (default: ./verify-out); a previous verify's files in it are replaced",
+    )
     p.add_argument(
         "--isolated", action="store_true", help="feed each layer of the implementation the reference's input to it"
     )
-    p.add_argument(
-        "--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)"
-    )
+    _add_impl_options(p)
     _add_run_options(p)
     _add_generate_option(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("golden", help="check today's scratch traces against golden/ (or rewrite them with --update)")
+
+def _example_parser(sub) -> None:
+    p = sub.add_parser("example", help="write a starter file: my_llama.py, a whole Llama-3 forward with its KV cache")
+    p.add_argument("name", choices=EXAMPLES, help="the example to write")
+    p.add_argument("--out", help="where to write it (default: ./NAME; never over an existing file)")
+    p.set_defaults(func=cmd_example)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .checkpoint import open_checkpoint
+    from .dump import import_dump
+    from .run import prompt_tokens
+
+    ckpt = open_checkpoint(args.checkpoint)
+    prompt = _prompt(args) if args.prompt is not None or args.prompt_file else None
+    tokens = prompt_tokens(ckpt, prompt) if prompt is not None else args.tokens
+    imported = import_dump(args.dump, ckpt, args.out, map_path=args.map, tokens=tokens, prompt=prompt, dtype=args.dtype)
+    whence = "the prompt's" if prompt is not None else ("given" if args.tokens else "the dump's")
+    print(
+        f"imported {len(imported.names)} of the model's {imported.n_model_names} names from {args.dump} "
+        f"({args.dtype}, {len(imported.tokens)} tokens: {whence}) into {args.out}"
+    )
+    if left := imported.not_canonical:
+        shown = ", ".join(left[:10]) + (", ..." if len(left) > 10 else "")
+        print(f"not imported, neither canonical nor in the map ({len(left)}): {shown}")
+    return 0
+
+
+def _token_ids(text: str) -> list[int]:
+    """`--tokens`: token ids separated by commas or spaces."""
+    ids = text.replace(",", " ").split()
+    if not ids or not all(t.isdigit() for t in ids):
+        raise argparse.ArgumentTypeError(f"expected token ids separated by commas, e.g. 128000,1820,4320, got {text!r}")
+    return [int(t) for t in ids]
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser(
+        "import",
+        help="record a port's dumped tensors (.safetensors, .npz, a folder of .npy) as a trace (docs/ports.md)",
+    )
+    p.add_argument("dump", help="a .safetensors or .npz file, or a folder of NAME.npy files")
+    p.add_argument("--checkpoint", required=True, help="the Meta or Hugging Face checkpoint directory the port ran")
+    p.add_argument("--out", required=True, help="trace file to write (.h5)")
+    p.add_argument(
+        "--map", metavar="MAP", help="a .toml or .json map of the port's names to canonical names (default: none)"
+    )
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--prompt", help="the text after <|begin_of_text|> the port ran (default: the dump's tokens)")
+    given.add_argument("--prompt-file", metavar="FILE", help="the prompt is this UTF-8 file's text, as it is")
+    given.add_argument("--tokens", type=_token_ids, metavar="IDS", help="the token ids the port ran: 128000,1820,...")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="what the port computed in (default: float32); bfloat16 for a bfloat16 port's float32 values",
+    )
+    p.set_defaults(func=cmd_import)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description=DESCRIPTION, epilog=EPILOG, top=True)
+    parser.add_argument("--version", action="version", version=f"llama3-harness {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_make_tiny_parser, _trace_parser, _convert_parser, _compare_parser, _verify_parser):
+        add(sub)
+
+    p = sub.add_parser(
+        "golden",
+        help="golden sets: `record`/`check` one of your implementation (docs/golden.md); with no action, check "
+        "the harness's own scratch traces against golden/ (or rewrite them with --update)",
+    )
     p.add_argument("--update", action="store_true", help="rewrite the golden traces and manifest.json")
     p.add_argument(
         "--golden-dir",
@@ -260,6 +428,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: golden/ of this checkout",
     )
     p.set_defaults(func=cmd_golden)
+    actions = p.add_subparsers(dest="action", metavar="{record,check}")
+    a = actions.add_parser(
+        "record", help="verify an implementation against the reference, then write its trace as a golden set"
+    )
+    a.add_argument("--impl", required=True, metavar="IMPL", help=IMPL_HELP)
+    a.add_argument("--checkpoint", required=True, help="Meta or Hugging Face checkpoint directory (make-tiny's too)")
+    a.add_argument("--out", required=True, metavar="GOLDEN_DIR", help="the golden set's folder (new, or a set)")
+    _add_run_options(a)
+    a = actions.add_parser(
+        "check", help="today's implementation against a golden set, without the reference (exit 1: a divergence)"
+    )
+    a.add_argument("golden_set", metavar="GOLDEN_DIR", help="a folder written by `golden record`")
+    a.add_argument("--impl", metavar="IMPL", help=IMPL_HELP + " (default: the one the set was recorded with)")
+    a.add_argument(
+        "--checkpoint", help="where the set's checkpoint is now (default: where it was recorded, or a tiny remade)"
+    )
+    a.add_argument("--work-dir", metavar="DIR", help="keep today's trace, comparison.json and a remade tiny here")
+    _example_parser(sub)
+    _import_parser(sub)
     return parser
 
 

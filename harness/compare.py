@@ -32,7 +32,7 @@ from .bound import (
     independent_samples,
     less_precise,
 )
-from .errors import HarnessError
+from .comparable import check_comparable, check_dtypes, check_oracle_dtypes, not_canonical, oracle_side
 from .files import atomic_path
 from .names import ORACLE_PREFIX
 from .stream import NameStats, Reader, accumulate, group_floors
@@ -83,6 +83,7 @@ class Comparison:
     attrs_a: dict[str, Any] = field(default_factory=dict)
     attrs_b: dict[str, Any] = field(default_factory=dict)
     swapped: bool = False  # only the second file given held the oracle: it is A (the reference side) here
+    not_canonical: list[str] = field(default_factory=list)  # B-only names first: misspelled, or the user's own
 
     def result(self, name: str) -> NameResult | None:
         return next((r for r in self.results if r.name == name), None)
@@ -102,6 +103,7 @@ class Comparison:
             "swapped": self.swapped,
             "only_in_a": self.only_in_a,
             "only_in_b": self.only_in_b,
+            "not_canonical": self.not_canonical,
             "constants": {
                 "floor_factor": FLOOR_FACTOR,
                 "abs_term_ulps": ABS_TERM_ULPS,
@@ -254,43 +256,9 @@ def _reader(tensor: torch.Tensor) -> Reader:
 # ---- two traces ------------------------------------------------------------------------------------------------------
 
 
-def _check_comparable(a: Trace, b: Trace, common: list[str]) -> None:
-    """Raise HarnessError (exit 2) when the traces are not runs of the same model on the same tokens."""
-    ca, cb = a.attrs.get("checkpoint"), b.attrs.get("checkpoint")
-    if ca is not None and cb is not None and ca != cb:
-        raise HarnessError(f"traces come from different checkpoints: {a.path} has {ca!r}, {b.path} has {cb!r}")
-    if "tokens" in a and "tokens" in b and a.tokens != b.tokens:
-        ta, tb = a.tokens, b.tokens
-        at = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
-        raise HarnessError(
-            f"traces ran different tokens: {a.path} has {len(ta)}, {b.path} has {len(tb)}, "
-            f"first difference at position {at}"
-        )
-    if not common:
-        raise HarnessError(f"nothing to compare: {a.path} and {b.path} have no tensor names in common besides 'tokens'")
-    for name in common:
-        if a.shape(name) != b.shape(name):
-            raise HarnessError(
-                f"{name!r} has shape {list(a.shape(name))} in {a.path} and {list(b.shape(name))} in {b.path}"
-            )
-        if a.rows(name) != b.rows(name):
-            raise HarnessError(
-                f"{name!r}: {a.path} and {b.path} keep different rows of it (traces of other harness versions?)"
-            )
-
-
 def _dtype_of(trace: Trace, run_dtype: object, name: str) -> str:
     """The run's working dtype (attr `dtype`), else the name's own: bf16 runs record some names in float32."""
     return run_dtype if run_dtype in UNIT_ROUNDOFF else trace.dtype(name)
-
-
-def _oracle_side(a: Trace, b: Trace) -> tuple[Trace, Trace, bool]:
-    """The side holding a float64 oracle is the reference side; B judged. Swapped when only B holds one."""
-    if any(n.startswith(ORACLE_PREFIX) for n in a.extra_names):
-        return a, b, False
-    if any(n.startswith(ORACLE_PREFIX) for n in b.extra_names):
-        return b, a, True
-    return a, b, False
 
 
 def _step_starts(trace: Trace, names: list[str]) -> dict[int, int]:
@@ -333,17 +301,19 @@ def compare_traces(
     """
     with load_trace(path_a) as a, load_trace(path_b) as b, _one_thread():
         common = [n for n in a.names if n in b and n != "tokens"]
-        _check_comparable(a, b, common)
-        ref, impl, swapped = _oracle_side(a, b)
+        check_comparable(a, b, common)
+        ref, impl, swapped = oracle_side(a, b)
         use_oracle = rtol is None and atol is None
-        _check_dtypes(a, b, use_oracle and any(n.startswith(ORACLE_PREFIX) for n in ref.extra_names))
+        calibrated = use_oracle and any(n.startswith(ORACLE_PREFIX) for n in ref.extra_names)
+        check_dtypes(a, b, calibrated)
+        if calibrated:
+            check_oracle_dtypes(ref, impl, common)
         results = _judge_names(ref, impl, common, use_oracle=use_oracle, rtol=rtol, atol=atol)
-        tokens = a.tokens if "tokens" in a else (b.tokens if "tokens" in b else None)
-        if tokens is None and isinstance(a.attrs.get("tokens"), list):
-            tokens = [int(t) for t in a.attrs["tokens"]]
+        tokens = _tokens(a, b)
         only_ref = [n for n in ref.names if n not in impl and n != "tokens"]
         only_impl = [n for n in impl.names if n not in ref and n != "tokens"]
         attrs_ref, attrs_impl = ref.attrs, impl.attrs
+        unknown = not_canonical(only_impl + common + only_ref, attrs_ref)
     token_texts = _name_worst_tokens(results, tokens, token_text)
     against = {r.against for r in results}
     failed = [r for r in results if not r.passed]
@@ -364,7 +334,15 @@ def compare_traces(
         attrs_a=attrs_ref,
         attrs_b=attrs_impl,
         swapped=swapped,
+        not_canonical=unknown,
     )
+
+
+def _tokens(a: Trace, b: Trace) -> list[int] | None:
+    """The run's token ids: A's `tokens`, else B's, else A's `tokens` attribute."""
+    if "tokens" in a or "tokens" in b:
+        return a.tokens if "tokens" in a else b.tokens
+    return [int(t) for t in a.attrs["tokens"]] if isinstance(a.attrs.get("tokens"), list) else None
 
 
 def _name_worst_tokens(
@@ -378,16 +356,6 @@ def _name_worst_tokens(
         if r.worst_position is not None and r.worst_position < len(token_texts):
             r.worst_token = token_texts[r.worst_position]
     return token_texts
-
-
-def _check_dtypes(a: Trace, b: Trace, calibrated: bool) -> None:
-    """Raise HarnessError (exit 2) when runs of two dtypes are to be compared without an oracle."""
-    da, db = a.attrs.get("dtype"), b.attrs.get("dtype")
-    if not calibrated and da and db and da != db:
-        raise HarnessError(
-            f"traces ran in different dtypes ({a.path}: {da}, {b.path}: {db}); without a float64 oracle "
-            f"there is no common bound: compare runs of one dtype, or a reference trace with its oracle"
-        )
 
 
 def _judge_names(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import names as canon
+from .bound import UNIT_ROUNDOFF
 from .errors import HarnessError
 from .names import RESERVED_PREFIX
 from .trace_file import Rows, ShapeCheck, TraceWriter, written
@@ -87,6 +88,17 @@ def record_calls() -> int:
     return current.recorder.calls if current is not None else 0
 
 
+def dtype_name(dtype: Any) -> str:
+    """`tracing(dtype=...)`: torch.bfloat16 or "bfloat16" -> "bfloat16"; a dtype a trace cannot be computed in, or
+    another spelling ("bf16"), is refused: `compare` reads the name to pick the rounding it allows."""
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if not isinstance(name, str) or name not in UNIT_ROUNDOFF:
+        raise HarnessError(
+            f"harness.tracing(dtype={dtype!r}): expected {', '.join(UNIT_ROUNDOFF)} (a torch.dtype or its name)"
+        )
+    return name
+
+
 @contextmanager
 def tracing(
     path: str | os.PathLike,
@@ -99,11 +111,14 @@ def tracing(
 
     `names` are glob patterns (e.g. "layers.0.*"); `tokens` is always kept. `metadata` becomes file attributes
     (`checkpoint=` an opened Checkpoint stamps its fingerprint, path and config, so `compare` can tell checkpoints
-    apart). `check_shape(name, shape)` returns an error message for a tensor of the wrong shape, or None.
+    apart; `dtype=` the working dtype, a torch.dtype or its name, stored as the name). `check_shape(name, shape)`
+    returns an error message for a tensor of the wrong shape, or None.
     The file appears only when the block ends without error; an existing file is replaced atomically.
     """
     if _open.get() is not None:
         raise HarnessError("trace: tracing() is already active; traces cannot be nested")
+    if "dtype" in metadata:
+        metadata["dtype"] = dtype_name(metadata["dtype"])
     with written(path, metadata) as writer:
         token = _open.set(_Open(_Recorder(writer, names, check_shape)))
         try:

@@ -69,8 +69,10 @@ def _tokenizer(ckpt: Checkpoint):
     return load_tokenizer(ckpt.tokenizer_path)
 
 
-def prompt_tokens(ckpt: Checkpoint, prompt: str, enc=None) -> list[int]:
-    """`[<|begin_of_text|>] + encode(prompt)`, checked against the checkpoint's vocabulary and context."""
+def prompt_tokens(ckpt: Checkpoint | str | Path, prompt: str = DEFAULT_PROMPT, enc=None) -> list[int]:
+    """`[<|begin_of_text|>] + encode(prompt)` with the tokenizer of `ckpt` (a Checkpoint or its directory), checked
+    against the checkpoint's vocabulary and context: the tokens `verify` and `trace` run (`harness.prompt_tokens`)."""
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
     enc = enc or _tokenizer(ckpt)
     if enc.n_vocab > ckpt.config.vocab_size:
         raise HarnessError(

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .compare import Comparison, compare_traces, write_json
 from .errors import HarnessError
 from .files import atomic_path
 from .generation import cache_vs_no_cache, generated_tokens, step_summary, trace_generation, unexplained_disagreements
-from .implementation import Forward, builtin, resolve
-from .report import write_report
-from .run import DEFAULT_PROMPT, check_device, make_run, parse_dtype, trace
+from .implementation import Forward, Implementation, builtin, resolve
+from .progress import phase, quiet_transformers
+from .report import REPORT_FILES, write_report
+from .run import DEFAULT_PROMPT, Run, check_device, make_run, parse_dtype, trace
 from .trace_file import load_trace
 
 
@@ -41,6 +44,8 @@ class VerifyResult:
     implementation_generated: list[int] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     cache_check: list = field(default_factory=list)
+    unexplained: list[str] = field(default_factory=list)  # steps whose greedy tokens differ beyond rounding
+    replaced: list[str] = field(default_factory=list)  # a previous verify's files removed from `out` first
 
     @property
     def cache_passed(self) -> bool:
@@ -65,6 +70,16 @@ def trace_file(impl: str, suffix: str = "") -> str:
     return ("scratch" if impl == "scratch" else "implementation") + suffix + ".h5"
 
 
+# Every file a verify writes into its folder: one into the folder of a previous one removes these first, so that the
+# folder holds exactly this run's files (never a file of the user's).
+VERIFY_FILES = (
+    "reference.h5",
+    *(trace_file(side, suffix) for side in ("scratch", "other") for suffix in ("", "-nocache")),
+    "comparison.json",
+    *REPORT_FILES,
+)
+
+
 def verify(
     checkpoint: str | Path,
     *,
@@ -80,7 +95,8 @@ def verify(
 ) -> VerifyResult:
     """Trace both sides into `out` (reference.h5, and scratch.h5 or implementation.h5), compare, write
     comparison.json and report.html. Every input is checked before any work. With `generate`, also the
-    implementation's no-cache forward (scratch-nocache.h5 or implementation-nocache.h5)."""
+    implementation's no-cache forward (scratch-nocache.h5 or implementation-nocache.h5). `progress`: a bar per phase
+    on stderr (harness/progress.py)."""
     parse_dtype(dtype)
     check_device(device)
     if vectorized and impl != "scratch":
@@ -92,95 +108,122 @@ def verify(
     if out.exists() and not out.is_dir():
         raise HarnessError(f"{out}: exists and is not a folder")
     run = make_run(checkpoint, prompt=prompt, dtype=dtype, device=device, isolated=isolated, generate=generate)
-    reference_run = dataclasses.replace(run, isolated=False)
-    ref_path, impl_path = out / "reference.h5", out / trace_file(implementation.name)
-    # both traces are staged beside `out` and moved in only when both succeeded: a failing implementation leaves no
-    # file written or changed
-    traced = trace_generation if generate else trace
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
-        staged_ref, staged_impl = Path(staging) / ref_path.name, Path(staging) / impl_path.name
-        ref_logits = traced(reference_run, builtin("reference"), staged_ref)
-        with load_trace(staged_ref) as reference:
-            impl_logits = traced(run, implementation, staged_impl, reference=reference)
-            fed = reference.tokens
-        staged = [(staged_ref, ref_path), (staged_impl, impl_path)]
-        if generate:  # the same implementation, no cache, over the prompt and the decoded tokens
-            nocache_path = out / trace_file(implementation.name, "-nocache")
-            staged.append((Path(staging) / nocache_path.name, nocache_path))
-            trace(dataclasses.replace(run, tokens=fed, generate=0), implementation, staged[-1][0])
-        out.mkdir(exist_ok=True)
-        for source, target in staged:
-            os.replace(source, target)
+    with quiet_transformers():
+        paths, ref_logits, impl_logits, replaced = _trace_both(run, implementation, out, progress)
+    with phase("compare", enabled=progress):
+        comparison = compare_traces(paths[0], paths[1], token_text=run.text)
+    with phase("report", enabled=progress):
+        if generate:
+            result = _generation_result(run, implementation.name, comparison, out, paths)
+        else:
+            result = _one_pass_result(run, implementation.name, comparison, out, paths[1], ref_logits, impl_logits)
+    result.replaced = replaced
+    return result
 
-    comparison = compare_traces(ref_path, impl_path, token_text=run.text)
+
+def _trace_both(
+    run: Run, implementation: Implementation, out: Path, progress: bool
+) -> tuple[list[Path], torch.Tensor, torch.Tensor, list[str]]:
+    """The reference's trace and the implementation's (and with `run.generate` its no-cache trace): (their paths in
+    `out`, both sides' logits, the previous verify's files removed from `out`). Staged beside `out` and moved in only
+    when every run succeeded: a failing implementation leaves no file written or changed."""
+    traced = trace_generation if run.generate else trace
+    names = ["reference.h5", trace_file(implementation.name)]
+    names += [trace_file(implementation.name, "-nocache")] if run.generate else []
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
+        staged = [Path(staging) / name for name in names]
+        with phase("reference and its float64 oracle", enabled=progress):
+            ref_logits = traced(dataclasses.replace(run, isolated=False), builtin("reference"), staged[0])
+        with load_trace(staged[0]) as reference, phase(f"implementation {implementation.name}", enabled=progress):
+            impl_logits = traced(run, implementation, staged[1], reference=reference)
+            fed = reference.tokens
+        if run.generate:  # the same implementation, no cache, over the prompt and the decoded tokens
+            with phase(f"{implementation.name} without its cache", enabled=progress):
+                trace(dataclasses.replace(run, tokens=fed, generate=0), implementation, staged[2])
+        out.mkdir(exist_ok=True)
+        replaced = [name for name in VERIFY_FILES if (out / name).is_file()]
+        for name in replaced:
+            (out / name).unlink()
+        for source in staged:
+            os.replace(source, out / source.name)
+    return [out / name for name in names], ref_logits, impl_logits, replaced
+
+
+def _one_pass_result(
+    run: Run, implementation: str, comparison: Comparison, out: Path, impl_path: Path, ref_logits, impl_logits
+) -> VerifyResult:
+    """One forward over the prompt: comparison.json, the report, both sides' next token."""
+    write_json(comparison, out / "comparison.json")
     text = run.text
-    if not generate:
-        write_json(comparison, out / "comparison.json")
-        ref_token, impl_token = int(ref_logits[-1].float().argmax()), int(impl_logits[-1].float().argmax())
-        notes = [
-            f"implementation {implementation.name}; checkpoint {run.checkpoint.path}, dtype {dtype}, "
-            f"{'isolated layers' if isolated else 'end to end'}; prompt {prompt!r} ({len(run.tokens)} tokens)",
-            f"next token: reference {text(ref_token)!r} (id {ref_token}), "
-            f"{implementation.name} {text(impl_token)!r} (id {impl_token})",
-        ]
-        write_report(comparison, out, notes=notes)
-        return VerifyResult(
-            comparison, out, implementation.name, impl_path, ref_token, impl_token, text(ref_token), text(impl_token)
-        )
-    return _generation_result(run, implementation.name, comparison, out, impl_path, nocache_path)
+    ref_token, impl_token = int(ref_logits[-1].float().argmax()), int(impl_logits[-1].float().argmax())
+    notes = [
+        f"implementation {implementation}; checkpoint {run.checkpoint.path}, dtype {run.dtype}, "
+        f"{'isolated layers' if run.isolated else 'end to end'}; prompt {run.prompt!r} ({len(run.tokens)} tokens)",
+        f"next token: reference {text(ref_token)!r} (id {ref_token}), "
+        f"{implementation} {text(impl_token)!r} (id {impl_token})",
+    ]
+    write_report(comparison, out, notes=notes)
+    return VerifyResult(
+        comparison, out, implementation, impl_path, ref_token, impl_token, text(ref_token), text(impl_token)
+    )
 
 
 def _generation_result(
-    run, implementation: str, comparison, out: Path, impl_path: Path, nocache_path: Path
+    run: Run, implementation: str, comparison: Comparison, out: Path, paths: list[Path]
 ) -> VerifyResult:
     """--generate: per-step results, the cache check and each side's generated text into comparison.json and the
     report."""
-    with load_trace(out / "reference.h5") as ref, load_trace(impl_path) as impl:
+    ref_path, impl_path, nocache_path = paths
+    with load_trace(ref_path) as ref, load_trace(impl_path) as impl:
         ref_gen, impl_gen = generated_tokens(ref), generated_tokens(impl)
-    cache_check = cache_vs_no_cache(run, impl_path, nocache_path, out / "reference.h5")
-    unexplained = unexplained_disagreements(out / "reference.h5", impl_path)  # greedy tokens apart beyond near ties
-    steps = step_summary(comparison.results, run.generate)
-    cache_steps = step_summary(cache_check, run.generate)
-    text = run.text
-    data = comparison.to_json()
-    data["generation"] = {
-        "steps": run.generate,
-        "prompt_tokens": len(run.tokens),
-        "teacher_forced": comparison.tokens,
-        "reference_generated": ref_gen,
-        "implementation_generated": impl_gen,
-        "reference_text": "".join(map(text, ref_gen)),
-        "implementation_text": "".join(map(text, impl_gen)),
-        "unexplained_disagreements": unexplained,
-        "per_step": steps,
-        "cache_vs_no_cache": {
-            "passed": all(r.passed for r in cache_check),
-            "per_step": cache_steps,
-            "failed": [r.name for r in cache_check if not r.passed],
-        },
-    }
-    with atomic_path(out / "comparison.json") as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    first_cache = next((r.name for r in cache_check if not r.passed), None)
-    notes = [
-        f"implementation {implementation}; checkpoint {run.checkpoint.path}, dtype {run.dtype}; prompt {run.prompt!r} "
-        f"({len(run.tokens)} tokens), prefill + {run.generate} decode steps fed the reference's greedy tokens",
-        f"generated: reference {''.join(map(text, ref_gen))!r}, {implementation} {''.join(map(text, impl_gen))!r}",
-        f"cache against no cache: {'agree' if first_cache is None else 'first disagreement at ' + first_cache}",
-    ]
-    write_report(comparison, out, notes=notes, steps=steps)
+    text = lambda tokens: "".join(map(run.text, tokens))  # noqa: E731
     # reference/implementation token and text: the whole generation (N + 1 greedy tokens), not one next token
-    return VerifyResult(
+    result = VerifyResult(
         comparison,
         out,
         implementation,
         impl_path,
         ref_gen[-1],
         impl_gen[-1],
-        "".join(map(text, ref_gen)),
-        "".join(map(text, impl_gen)),
+        text(ref_gen),
+        text(impl_gen),
         ref_gen,
         impl_gen,
-        steps,
-        cache_check,
+        step_summary(comparison.results, run.generate),
+        cache_vs_no_cache(run, impl_path, nocache_path, ref_path),
+        unexplained_disagreements(ref_path, impl_path),  # greedy tokens apart beyond near ties
     )
+    _write_generation_json(run, result)
+    first_cache = next((r.name for r in result.cache_check if not r.passed), None)
+    notes = [
+        f"implementation {implementation}; checkpoint {run.checkpoint.path}, dtype {run.dtype}; prompt {run.prompt!r} "
+        f"({len(run.tokens)} tokens), prefill + {run.generate} decode steps fed the reference's greedy tokens",
+        f"generated: reference {result.reference_text!r}, {implementation} {result.implementation_text!r}",
+        f"cache against no cache: {'agree' if first_cache is None else 'first disagreement at ' + first_cache}",
+    ]
+    write_report(comparison, out, notes=notes, steps=result.steps)
+    return result
+
+
+def _write_generation_json(run: Run, result: VerifyResult) -> None:
+    """comparison.json of a generation: the comparison's, with a `generation` section."""
+    cache_check = result.cache_check
+    data = result.comparison.to_json()
+    data["generation"] = {
+        "steps": run.generate,
+        "prompt_tokens": len(run.tokens),
+        "teacher_forced": result.comparison.tokens,
+        "reference_generated": result.reference_generated,
+        "implementation_generated": result.implementation_generated,
+        "reference_text": result.reference_text,
+        "implementation_text": result.implementation_text,
+        "unexplained_disagreements": result.unexplained,
+        "per_step": result.steps,
+        "cache_vs_no_cache": {
+            "passed": all(r.passed for r in cache_check),
+            "per_step": step_summary(cache_check, run.generate),
+            "failed": [r.name for r in cache_check if not r.passed],
+        },
+    }
+    with atomic_path(result.out / "comparison.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,28 @@ def first_failure(run, reference: Path, out: Path, impl="scratch") -> tuple[str 
         m = re.search(r"recorded '([^']+)' with shape", str(e))
         return (m[1] if m else None), str(e)
     return compare_traces(reference, out).first_divergence, "comparison"
+
+
+def record_without_reference(golden_dir: Path, impl: str, checkpoint: Path, dtype: str = "float32") -> Path:
+    """A golden set as `golden record` writes it, its verification replaced by the trace against itself: no reference
+    run (the fast tests of golden sets and of the plugin's --llama3-golden)."""
+    from harness import golden_set
+    from harness.checkpoint import open_checkpoint
+    from harness.compare import compare_traces, write_json
+    from harness.implementation import resolve
+    from harness.run import DEFAULT_PROMPT, make_run, trace
+    from harness.tiny import read_recipe
+    from harness.verify import VerifyResult
+
+    ckpt = open_checkpoint(checkpoint)
+    staging = golden_dir.parent / f".{golden_dir.name}.verify"
+    staging.mkdir()
+    today = staging / "implementation.h5"
+    trace(make_run(ckpt, dtype=dtype), resolve(impl), today)
+    comparison = compare_traces(today, today, rtol=0.0, atol=0.0)
+    write_json(comparison, staging / "comparison.json")
+    verification = VerifyResult(comparison, staging, impl, today, 0, 0, "", "")
+    tiny = read_recipe(ckpt.path)
+    golden_set.write(golden_dir, verification, ckpt, tiny=tiny, prompt=DEFAULT_PROMPT, dtype=dtype, device="cpu")
+    shutil.rmtree(staging)
+    return golden_dir

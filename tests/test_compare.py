@@ -352,13 +352,15 @@ def test_the_suite_message_says_where_along_the_prompt_a_name_fails():
         "first_failing_position": 3900,
         "blocks": [{"positions": [0, 3839], "ratio": 0.2}, {"positions": [3840, 4095], "ratio": 3.06}],
     }
+    case = SimpleNamespace(impl="scratch", id="tiny3.1-bfloat16", golden=None)
     run = SimpleNamespace(
+        case=case,
+        error=None,
         result=lambda name: result,
         comparison={"first_divergence": Q},
         out=Path("out"),
         summary={"trace": "out/scratch.h5"},
     )
-    case = SimpleNamespace(impl="scratch", id="tiny3.1-bfloat16")
     with pytest.raises(pytest.fail.Exception) as failed:
         suite.check(lambda c: run, case, Q)
     assert "first failing at position 3900; worst at positions 3840-4095, 3.06x their bound" in str(failed.value)
