@@ -23,28 +23,19 @@ CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 N_MERGES = 256  # 256 byte tokens + 256 merges = 512 BPE ranks; + 256 special tokens = vocab 768
 
 # params.json of each variant, as Meta writes it (vocab_size filled in from the tokenizer).
+_LLAMA_30 = dict(
+    dim=128,
+    n_layers=3,
+    n_heads=8,
+    n_kv_heads=2,
+    multiple_of=32,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+)
 VARIANTS: dict[str, dict] = {
-    "3.0": dict(
-        dim=128,
-        n_layers=3,
-        n_heads=8,
-        n_kv_heads=2,
-        multiple_of=32,
-        ffn_dim_multiplier=1.3,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-    ),
-    "3.1": dict(
-        dim=128,
-        n_layers=3,
-        n_heads=8,
-        n_kv_heads=2,
-        multiple_of=32,
-        ffn_dim_multiplier=1.3,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-        use_scaled_rope=True,
-    ),
+    "3.0": _LLAMA_30,
+    "3.1": dict(_LLAMA_30, use_scaled_rope=True),  # 3.0 with Llama 3.1's scaled RoPE
     # 3.2: tied embeddings, 3 query heads per KV head (as the 3B)
     "3.2": dict(
         dim=96,
@@ -122,18 +113,8 @@ SHAPES: dict[str, dict | None] = {
         norm_eps=1e-5,
         rope_theta=500000.0,
     ),
-    "8b": dict(
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        vocab_size=128256,
-        multiple_of=1024,
-        ffn_dim_multiplier=1.3,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-    ),
 }
+SHAPES["8b"] = dict(SHAPES["8b-wide"], n_layers=32)  # Meta-Llama-3-8B's shape, all 32 layers
 
 
 def shape_params(shape: str, variant: str) -> dict | None:

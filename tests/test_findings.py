@@ -312,11 +312,10 @@ def test_long_prompt_attention_map_is_cut_to_readable_cells():
 # ---- 16. installing, and the starter file ----------------------------------------------------------------------------
 
 
-def test_the_starter_file_ships_in_the_package_and_equals_the_example(tmp_path, capsys, monkeypatch):
-    source = (ROOT / "examples" / "my_llama.py").read_text(encoding="utf-8")
-    assert (ROOT / "harness" / "data" / "my_llama.py").read_text(encoding="utf-8") == source, (
-        "harness/data/my_llama.py is a copy of examples/my_llama.py: cp examples/my_llama.py harness/data/"
-    )
+def test_the_starter_file_ships_in_the_package_and_is_the_example(tmp_path, capsys, monkeypatch):
+    example = ROOT / "examples" / "my_llama.py"  # a link to the packaged file: one source, shipped in the wheel
+    assert example.resolve() == (ROOT / "harness" / "data" / "my_llama.py").resolve()
+    source = example.read_text(encoding="utf-8")
     assert '"data/*.py"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     assert main(["example", "my_llama.py"]) == 0 and (tmp_path / "my_llama.py").read_text() == source

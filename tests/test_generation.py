@@ -1,19 +1,17 @@
 """Generation: a prefill and decode steps with a KV cache, verified step by step (`steps.{s}.NAME`) against Hugging
 Face.
 
-The catalogue below holds the KV-cache bugs other projects' threads report, applied to the scratch forward's cache
-functions; each must fail at its own step and name, in float32 and bfloat16. A bug that changes a cached tensor's
-length fails as the harness's shape check (exit 2, naming the step's name and both shapes); one that changes values,
-as the comparison's first divergence. The reference of each dtype is traced once (teacher forcing feeds its greedy
-tokens to every mutant).
+The catalogue (tests/mutants.py, CACHE) holds the KV-cache bugs other projects' threads report, applied to the
+scratch forward's cache functions; each must fail at its own step and name, in float32 and bfloat16. A bug that
+changes a cached tensor's length fails as the harness's shape check (exit 2, naming the step's name and both shapes);
+one that changes values, as the comparison's first divergence. The reference of each dtype is traced once (teacher
+forcing feeds its greedy tokens to every mutant).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from harness.run import make_run
 from harness.trace_file import load_trace
 from harness.verify import verify
 from tests.helpers import GENERATION_STEPS, assert_passes, first_failure
+from tests.mutants import CACHE
 
 DTYPES = ("float32", "bfloat16")
 STEPS = GENERATION_STEPS  # the decode steps of conftest.py's `generation_references`, the reference traced once
@@ -36,113 +35,8 @@ HEAD0 = "layers.0.attention.heads.0"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "my_llama.py"
 
 
-# ---- the catalogue: each entry replaces one cache function of harness/scratch.py ------------------------------------
-
-
-@dataclass(frozen=True)
-class Mutant:
-    id: str
-    bug: str
-    first: str  # the step's name where the bug sits, on the tiny 3.0 checkpoint
-    target: str
-    make: Callable  # make(original) -> replacement
-
-
-def _appending(change: Callable):
-    """append_to_cache with the cache tensors the step leaves behind changed: change(past, new, start_pos) -> stored."""
-
-    def make(original):
-        def append_to_cache(cache, layer, keys, values, start_pos):
-            for name, new in ((f"layers.{layer}.k", keys), (f"layers.{layer}.v", values)):
-                past = cache.get(name, new[:, :0])[:, :start_pos]  # [KV, start_pos, hd]
-                cache[name] = change(past, new, start_pos)
-            return cache[f"layers.{layer}.k"], cache[f"layers.{layer}.v"]
-
-        return append_to_cache
-
-    return make
-
-
-def _off_by_one(past, new, start_pos):
-    """Meta's preallocated cache written one slot early: the step's key over position start_pos - 1, start_pos empty."""
-    if start_pos == 0:
-        return torch.cat([past, new], dim=1)
-    return torch.cat([past[:, :-1], new, torch.zeros_like(new)], dim=1)
-
-
-def _unrotated(original):
-    def new_keys_values(x_norm, weights, config, freqs_cis):
-        T, hd = x_norm.shape[0], config.head_dim
-        k = (x_norm @ weights["attention.wk"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)  # before RoPE
-        return k.float(), original(x_norm, weights, config, freqs_cis)[1]
-
-    return new_keys_values
-
-
-def _prefill_not_cached(original):
-    def append_to_cache(cache, layer, keys, values, start_pos):
-        if start_pos == 0:  # the prefill attends over its own keys but leaves the cache empty
-            original({}, layer, keys, values, start_pos)
-            cache[f"layers.{layer}.k"], cache[f"layers.{layer}.v"] = keys[:, :0], values[:, :0]
-            return keys, values
-        return original(cache, layer, keys, values, start_pos)
-
-    return append_to_cache
-
-
-CATALOGUE = [
-    Mutant(
-        "positions_restart",
-        "decode positions restart at 0 (RoPE of position 0 for every decoded token)",
-        f"steps.1.{HEAD0}.q_rotated",
-        "step_freqs_cis",
-        lambda f: lambda cfg, start, n, dt, dev: f(cfg, 0, n, dt, dev),
-    ),
-    Mutant(
-        "cache_not_appended",
-        "decode steps do not append their keys and values to the cache",
-        f"steps.1.{HEAD0}.cache_k",
-        "append_to_cache",
-        _appending(lambda past, new, s: past if s else new),
-    ),
-    Mutant(
-        "cache_appended_twice",
-        "decode steps append their keys and values twice",
-        f"steps.1.{HEAD0}.cache_k",
-        "append_to_cache",
-        _appending(lambda past, new, s: torch.cat([past, new, new] if s else [past, new], dim=1)),
-    ),
-    Mutant(
-        "cache_off_by_one",
-        "cache written at start_pos - 1 (over the previous token's key), start_pos left empty",
-        f"steps.1.{HEAD0}.cache_k",
-        "append_to_cache",
-        _appending(_off_by_one),
-    ),
-    Mutant(
-        "decode_query_masked",
-        "the prefill's causal mask triu(diagonal=1) applied to the single decode query",
-        f"steps.1.{HEAD0}.probs",
-        "step_mask",
-        lambda f: (
-            lambda n, start, dt, dev: torch.triu(torch.full((n, start + n), float("-inf"), dtype=dt, device=dev), 1)
-        ),
-    ),
-    Mutant(
-        "keys_cached_unrotated",
-        "keys cached before RoPE and attended unrotated",
-        f"steps.0.{HEAD0}.cache_k",
-        "new_keys_values",
-        _unrotated,
-    ),
-    Mutant(
-        "prefill_skipped",
-        "the prompt never reaches the cache (the notebook thread's missing prefill)",
-        f"steps.1.{HEAD0}.cache_k",
-        "append_to_cache",
-        _prefill_not_cached,
-    ),
-]
+# The catalogue of cache bugs: tests/mutants.py (CACHE), each replacing one cache function of harness/scratch.py.
+CATALOGUE = CACHE
 
 
 def XDIST_GROUP(item) -> str:
@@ -166,7 +60,7 @@ def test_unmutated_scratch_passes_every_step(generation_references, dtype, tmp_p
 @pytest.mark.parametrize("mutant", CATALOGUE, ids=[m.id for m in CATALOGUE])
 def test_mutant_fails_at_its_step_and_name(generation_references, mutant, dtype, tmp_path, monkeypatch):
     run, reference = generation_references[dtype]
-    monkeypatch.setattr(scratch, mutant.target, mutant.make(getattr(scratch, mutant.target)))
+    mutant.apply(monkeypatch, run.checkpoint.config)
     first, how = first_failure(run, reference, tmp_path / "mutant.h5")
     assert first == mutant.first, f"{mutant.bug} ({dtype}): first failure {first} ({how}), expected {mutant.first}"
 
