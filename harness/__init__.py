@@ -1,8 +1,9 @@
 """A verification harness for hand-written Llama-3: trace every intermediate to HDF5 and find where two forwards part.
 
 Public recording API: `tracing`, `record` (a tensor, or the kept `Rows` of a long one), `step` (a generation step's
-names), `load_trace`; `prompt_tokens` (a prompt's token ids for a checkpoint); `layer_input` for isolated mode;
-`Adapter` (harness.adapter) to trace an nn.Module; errors a user can fix raise `HarnessError`.
+names), `load_trace`; `prompt_tokens` (a prompt's token ids for a checkpoint); `layer_input` for isolated mode and
+`skip_layer` for a `--layers` range; `Adapter` (harness.adapter) to trace an nn.Module; errors a user can fix raise
+`HarnessError`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "HarnessError": "errors",
     "layer_input": "isolation",
+    "skip_layer": "isolation",
     "is_tracing": "recording",
     "record": "recording",
     "step": "recording",
@@ -28,7 +30,7 @@ _PUBLIC = {
 }
 if TYPE_CHECKING:
     from .errors import HarnessError
-    from .isolation import layer_input
+    from .isolation import layer_input, skip_layer
     from .recording import is_tracing, record, step, tracing
     from .run import prompt_tokens
     from .trace_file import Rows, Trace, load_trace
@@ -51,6 +53,7 @@ __all__ = [
     "load_trace",
     "prompt_tokens",
     "record",
+    "skip_layer",
     "step",
     "tracing",
     "__version__",

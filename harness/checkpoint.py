@@ -2,6 +2,8 @@
 
 Meta: params.json + consolidated.NN.pth (model-parallel shards merged on each tensor's split dim) + tokenizer.model.
 HF: config.json + model.safetensors (or sharded with model.safetensors.index.json). Nothing runs code from a file.
+Tensors are read from the files when asked, into new memory, never mapped: a mapping keeps every page it touched
+resident, so a forward reading one layer at a time through one would grow with depth (docs/any-size.md).
 """
 
 from __future__ import annotations
@@ -9,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pickle
+import math
 import re
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,8 @@ import torch
 from . import hf_layout
 from .config import ModelConfig, config_from_hf_json, config_from_params_json
 from .errors import HarnessError
+from .tensor_files import Loaded, Stored, index_pth, index_safetensors
+from .tensor_files import load_pth as load_pth  # where the tests and tools have always imported it from
 
 # Model-parallel split dimension of each Meta tensor (None: replicated in every shard).
 _SPLIT_DIM = {
@@ -38,7 +40,6 @@ _SPLIT_DIM = {
     "norm": None,
 }
 _IGNORED = {"rope.freqs"}  # present in Llama 2 checkpoints; Llama 3 recomputes it
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def split_dim(name: str) -> int | None:
@@ -74,53 +75,21 @@ def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     }[part]
 
 
-def load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only (no code from the file ever runs) and mmap (no copy in memory).
-
-    mmap needs torch's zip format; a legacy or bare pickle is read without it, by the same weights-only unpickler.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols it did not write; errors say enough
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise HarnessError(
-            f"{path}: refused to load: the pickle asks for more than tensors ({_refusal(e)}); nothing from it was run"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
-        # torch's own messages (RuntimeError) say what broke; the unpickler's KeyError/EOFError say nothing useful
-        message = str(e).strip()
-        detail = message.splitlines()[0].split(". ")[0] if isinstance(e, RuntimeError) and message else type(e).__name__
-        raise HarnessError(
-            f"{path}: cannot read checkpoint shard: truncated or not a PyTorch file ({detail})"
-        ) from None
-    if not isinstance(sd, dict):
-        raise HarnessError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    for key, value in sd.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise HarnessError(f"{path}: expected a dict of tensors, but {key!r} holds a {type(value).__name__}")
-    return sd
-
-
-def _refusal(e: pickle.UnpicklingError) -> str:
-    """The line of torch's weights-only error that says what the pickle asked for (e.g. 'GLOBAL posix.system')."""
-    lines = [line.strip() for line in str(e).splitlines()]
-    return next(
-        (line.rstrip(".") for line in lines if line.startswith(("Trying to load", "Unsupported"))), "not plain tensors"
-    )
-
-
 @dataclass
 class Checkpoint:
-    """A checkpoint directory opened for reading; `tensor(name)` gives Meta's name and layout."""
+    """A checkpoint directory opened for reading; `tensor(name)` gives Meta's name and layout, read when asked.
+
+    Every read is new memory the caller holds and frees (harness/tensor_files.py): `tensor` a whole tensor, `rows` a
+    block of its rows, `take` the rows at some ids (an embedding lookup).
+    """
 
     path: Path
     format: str  # "meta" or "hf"
     config: ModelConfig
     tokenizer_path: Path | None
-    _shards: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
+    _shards: list[dict[str, Stored | Loaded]] = field(default_factory=list, repr=False)
     _hf_files: dict[str, Path] = field(default_factory=dict, repr=False)
-    _hf_open: dict[Path, object] = field(default_factory=dict, repr=False)
+    _hf_index: dict[str, Stored] = field(default_factory=dict, repr=False)
 
     # -- tensors ---------------------------------------------------------
     def names(self) -> list[str]:
@@ -128,54 +97,61 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of `name` (merged across shards), read without loading the data."""
-        if self.format == "meta":
-            shapes = [tuple(s[name].shape) for s in self._shards]
-            dim = split_dim(name)
-            if dim is None or len(shapes) == 1:
-                return shapes[0]
-            merged = list(shapes[0])
-            merged[dim] = sum(s[dim] for s in shapes)
-            return tuple(merged)
-        hf = self._hf_name(name)
-        return tuple(self._safe(self._hf_files[hf]).get_slice(hf).get_shape())
+        if self.format == "hf":
+            return self._hf_index[self._hf_name(name)].shape
+        shapes = [s[name].shape for s in self._shards]
+        dim = split_dim(name)
+        if dim is None or len(shapes) == 1:
+            return shapes[0]
+        merged = list(shapes[0])
+        merged[dim] = sum(s[dim] for s in shapes)
+        return tuple(merged)
 
     def dtype(self, name: str) -> str:
         """The stored dtype of `name` ('bfloat16', ...), read without loading the data."""
-        if self.format == "meta":
-            return str(self._shards[0][name].dtype).removeprefix("torch.")
-        hf = self._hf_name(name)
-        stored = self._safe(self._hf_files[hf]).get_slice(hf).get_dtype()
-        return _SAFETENSORS_DTYPES.get(stored, stored.lower())
+        stored = self._hf_index[self._hf_name(name)] if self.format == "hf" else self._shards[0][name]
+        return str(stored.dtype).removeprefix("torch.")
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor in Meta's layout; memory-mapped where the format allows (no copy for a single shard)."""
+        """One tensor in Meta's layout, read from the file(s) now."""
+        return self.rows(name, 0, self._checked(name)[0])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start` .. `stop - 1` of a tensor in Meta's layout (a chunk of the vocabulary, a block of a projection's
+        output features), read now: only those rows' bytes. q/k of an HF checkpoint in whole heads (head_dim rows)."""
+        n_rows = self._checked(name)[0]
+        if not 0 <= start <= stop <= n_rows:
+            raise HarnessError(f"{self.path}: rows {start}:{stop} of {name}, which has {n_rows}")
+        if self.format == "meta":
+            return _merged_rows([s[name] for s in self._shards], split_dim(name), start, stop)
+        t = self._hf_index[self._hf_name(name)].rows(start, stop)
+        if hf_layout.heads_of(name):
+            hd = self.config.head_dim
+            if start % hd or stop % hd:
+                raise HarnessError(f"{self.path}: rows {start}:{stop} of {name} split a head ({hd} rows each)")
+            t = hf_layout.permute_to_meta(t, (stop - start) // hd)
+        return t
+
+    def take(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """The rows at `ids` [T] (an embedding lookup): [T, D], reading those rows only."""
+        n_rows = self._checked(name)[0]
+        unique, where = torch.unique(
+            torch.as_tensor(ids, dtype=torch.long).flatten().cpu(), return_inverse=True
+        )  # sorted
+        if len(unique) and not 0 <= int(unique[0]) <= int(unique[-1]) < n_rows:
+            raise HarnessError(f"{self.path}: token ids {unique[0]}..{unique[-1]} outside {name}'s {n_rows} rows")
+        return torch.cat([self.rows(name, i, i + 1) for i in unique.tolist()])[where]
+
+    def _checked(self, name: str) -> tuple[int, ...]:
         if name not in set(self.names()):
             raise HarnessError(f"{self.path}: no tensor {name!r} in a Llama-3 checkpoint")
-        if self.format == "meta":
-            parts = [s[name] for s in self._shards]
-            dim = split_dim(name)
-            return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-        hf = self._hf_name(name)
-        t = self._safe(self._hf_files[hf]).get_tensor(hf)
-        if heads := hf_layout.heads_of(name):
-            t = hf_layout.permute_to_meta(t, getattr(self.config, heads))
-        return t
+        return self.shape(name)
 
     def _hf_name(self, name: str) -> str:
         hf = hf_layout.meta_to_hf_name(name)
         if name == "output.weight" and hf not in self._hf_files:
             return "model.embed_tokens.weight"  # tied embeddings
         return hf
-
-    def _safe(self, path: Path):
-        from safetensors import safe_open
-
-        if path not in self._hf_open:
-            try:
-                self._hf_open[path] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for a bad header
-                raise HarnessError(f"{path}: cannot read safetensors file (truncated or corrupt: {e})") from None
-        return self._hf_open[path]
 
     def fingerprint(self) -> str:
         """sha256 over the model-defining config fields, every tensor's name/shape/dtype, and the norm weights' bytes.
@@ -238,7 +214,7 @@ def _open_meta(path: Path) -> Checkpoint:
             f"{path}: shards must be numbered consolidated.00.pth .. {len(shard_files) - 1:02d}, "
             f"found {[f.name for f in shard_files]}"
         )
-    shards = [load_pth(f) for f in shard_files]
+    shards = [index_pth(f) for f in shard_files]  # where each tensor lies; no data read
     keys = set(shards[0]) - _IGNORED
     for f, s in zip(shard_files[1:], shards[1:]):
         if set(s) - _IGNORED != keys:
@@ -258,14 +234,12 @@ def _open_meta(path: Path) -> Checkpoint:
         others = [tuple(d for i, d in enumerate(sh) if i != dim) for sh in shapes]
         if len(set(others)) > 1 or (dim is None and len(set(shapes)) > 1):
             raise HarnessError(f"{path}: shards do not fit together: {name} has shapes {[list(s) for s in shapes]}")
-        if dim is None and not all(torch.equal(shards[0][name], s[name]) for s in shards[1:]):
+        if dim is None and not all(_same(shards[0][name], s[name]) for s in shards[1:]):
             # Meta replicates the norms in every shard; different values mean shards of different checkpoints
             raise HarnessError(f"{path}: shards do not fit together: replicated tensor {name} differs between shards")
     if "output.weight" in keys:
         out, emb = shards[0]["output.weight"], shards[0]["tok_embeddings.weight"]
-        tied = out.shape == emb.shape and all(
-            torch.equal(s["output.weight"], s["tok_embeddings.weight"]) for s in shards
-        )
+        tied = out.shape == emb.shape and all(_same(s["output.weight"], s["tok_embeddings.weight"]) for s in shards)
     else:
         tied = True
     config = dataclasses.replace(config, tie_word_embeddings=tied)
@@ -292,24 +266,62 @@ def _open_hf(path: Path) -> Checkpoint:
             raise HarnessError(f"{index}: not a valid safetensors index ({e})") from None
         files = {name: path / f for name, f in weight_map.items()}
     elif single.exists():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                files = {name: single for name in f.keys()}
-        except Exception as e:
-            raise HarnessError(f"{single}: cannot read safetensors file (truncated or corrupt: {e})") from None
+        files = {name: single for name in _index_safetensors(single)}
     else:
         raise HarnessError(f"{path}: no model.safetensors or model.safetensors.index.json beside config.json")
     for f in set(files.values()):
         if not f.exists():
             raise HarnessError(f"{f}: shard named in the index is missing")
-    ckpt = Checkpoint(path, "hf", config, _find_tokenizer(path), _hf_files=files)
+    stored = {}
+    for f in set(files.values()):
+        stored |= _index_safetensors(f)
+    ckpt = Checkpoint(path, "hf", config, _find_tokenizer(path), _hf_files=files, _hf_index=stored)
     for name in meta_names(config):
         hf = ckpt._hf_name(name)
         if hf not in files:
             raise HarnessError(f"{path}: required tensor {hf!r} is missing")
+        if hf not in stored:
+            raise HarnessError(f"{files[hf]}: tensor {hf!r} is not a float tensor (BF16, F16, F32 or F64)")
     return ckpt
+
+
+def _index_safetensors(path: Path) -> dict[str, Stored]:
+    """Where each tensor of a .safetensors file lies; safetensors' own reader refuses a corrupt or truncated file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise HarnessError(f"{path}: cannot read safetensors file (truncated or corrupt: {e})") from None
+    return index_safetensors(path)
+
+
+def _merged_rows(parts: list[Stored | Loaded], dim: int | None, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop-1 of a tensor split across model-parallel shards on `dim` (None: replicated)."""
+    if dim is None or len(parts) == 1:
+        return parts[0].rows(start, stop)
+    if dim == 1:
+        return torch.cat([p.rows(start, stop) for p in parts], dim=1)
+    pieces, first = [], 0
+    for p in parts:  # dim 0: each shard holds the next block of rows
+        lo, hi = max(start - first, 0), min(stop - first, p.shape[0])
+        if lo < hi:
+            pieces.append(p.rows(lo, hi))
+        first += p.shape[0]
+    return torch.cat(pieces) if pieces else parts[0].rows(0, 0)
+
+
+def _same(a: Stored | Loaded, b: Stored | Loaded, block_bytes: int = 1 << 26) -> bool:
+    """Whether two tensors hold the same values, read a block of rows at a time (64 MiB), stopping at the first
+    difference: an untied output matrix differs from the embeddings in its first rows."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    step = max(1, block_bytes // (math.prod(a.shape[1:]) * a.dtype.itemsize))  # rows per block
+    return all(
+        torch.equal(a.rows(i, min(i + step, a.shape[0])), b.rows(i, min(i + step, a.shape[0])))
+        for i in range(0, a.shape[0], step)
+    )
 
 
 def _find_tokenizer(path: Path) -> Path | None:

@@ -31,11 +31,14 @@ def _prompt(args: argparse.Namespace) -> str:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
-    make_tiny(Path(args.dir), seed=args.seed, variant=args.variant, fmt=args.format, shape=args.shape)
+    make_tiny(
+        Path(args.dir), seed=args.seed, variant=args.variant, fmt=args.format, shape=args.shape, layers=args.layers
+    )
     article = "an" if args.shape.startswith("8") else "a"  # "an 8b-wide": eight begins with a vowel sound
+    depth = "" if args.layers is None else f" of {args.layers} layers"
     print(
-        f"wrote {article} {args.shape} Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) to "
-        f"{args.dir}"
+        f"wrote {article} {args.shape}{depth} Llama-{args.variant} checkpoint ({args.format} format, seed {args.seed}) "
+        f"to {args.dir}"
     )
     return 0
 
@@ -58,6 +61,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         device=args.device,
         names=args.names,
         generate=args.generate,
+        layers=args.layers,
     )
     with quiet_transformers() if impl.name == "reference" else contextlib.nullcontext():
         logits = (trace_generation if args.generate else trace)(run, impl, args.out)
@@ -67,6 +71,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
             f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens + {args.generate} decode steps): generated "
             f"{''.join(map(run.text, generated))!r}; trace written to {args.out}"
         )
+        return 0
+    if logits is None:  # a --layers range that ends before the logits
+        print(f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens, layers {run.layers}): trace written to {args.out}")
         return 0
     token = int(logits[-1].float().argmax())
     print(
@@ -115,7 +122,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .progress import wanted
-    from .report import generation_lines, text_report
+    from .report import generation_lines, next_token_lines, run_mode, text_report
     from .verify import verify
 
     result = verify(
@@ -129,18 +136,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
         impl=args.impl,
         vectorized=args.vectorized,
         generate=args.generate,
+        layers=args.layers,
     )
     print(text_report(result.comparison))
     n_tokens = len(result.comparison.tokens or []) - args.generate  # the prompt's (the comparison's: and the decoded)
     if args.generate:
         print("\n".join(generation_lines(result)))
         prompt = f"prompt: {n_tokens} tokens + {args.generate} decode steps"
+    elif result.reference_token is None:  # a --layers range that ends before the logits
+        print(f"next token: none (--layers {args.layers} ends before the logits)")
+        prompt = f"prompt: {n_tokens} tokens"
     else:
         print(
             f"next token: reference {result.reference_text!r} (id {result.reference_token}), "
             f"{result.implementation} {result.implementation_text!r} (id {result.implementation_token})"
         )
+        for line in next_token_lines(result):  # a near tie, or not, and why
+            print(line)
         prompt = f"prompt: {n_tokens} tokens"
+    print(
+        run_mode(
+            isolated=args.isolated or args.layers is not None,
+            vectorized=args.vectorized,
+            generate=args.generate,
+            implementation=result.implementation,
+        )
+    )
+    spots = getattr(result, "blind_spots", None)  # the RoPE-scaling bugs this dtype and prompt cannot see
+    if spots is not None and spots.line():
+        print(spots.line())
     if result.replaced:
         print(f"{result.out} held a previous verify's files: replaced ({', '.join(result.replaced)})")
     print(f"{prompt}; traces, comparison.json and report.html written to {result.out}")
@@ -261,6 +285,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
+def _add_layers_option(p: argparse.ArgumentParser, help_text: str) -> None:
+    """`trace` and `verify`: a range of decoder layers, A:B (checked against the model by harness.run.make_run)."""
+    p.add_argument("--layers", metavar="A:B", help=help_text)
+
+
+def _positive(text: str) -> int:
+    """A number of things, 1 or more (`make-tiny --layers`)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, got {text!r}")
+    return int(text)
+
+
 def _count(text: str) -> int:
     """A number of things, 0 or more (`--seed`)."""
     if not text.isdigit():
@@ -295,8 +331,12 @@ def _make_tiny_parser(sub) -> None:
     p.add_argument(
         "--shape",
         default="tiny",
-        choices=["tiny", "8b-wide", "8b"],
-        help="tiny (default), or the Llama-3-8B's width and vocabulary with 2 layers (8b-wide) or 32 (8b)",
+        choices=["tiny", "8b-wide", "8b", "70b-wide", "405b-wide"],
+        help="tiny (default), or the Llama-3-8B's width and vocabulary with 2 layers (8b-wide) or 32 (8b), or the "
+        "70B's or 405B's width and vocabulary with 2 layers (70b-wide, 405b-wide), written a block of rows at a time",
+    )
+    p.add_argument(
+        "--layers", type=_positive, metavar="N", help="N decoder layers instead of the shape's (default: the shape's)"
     )
     p.set_defaults(func=cmd_make_tiny)
 
@@ -306,6 +346,11 @@ def _trace_parser(sub) -> None:
     p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
     p.add_argument("--out", required=True, help="trace file to write (.h5)")
     p.add_argument("--names", nargs="+", metavar="GLOB", help="record only names matching these globs")
+    _add_layers_option(
+        p,
+        "record only decoder layers A .. B-1 (the embeddings with A = 0, norm and logits with B = "
+        "the model's layers) and stop the forward after them",
+    )
     _add_impl_options(p)
     _add_run_options(p)
     _add_generate_option(p)
@@ -343,6 +388,11 @@ def _verify_parser(sub) -> None:
     )
     p.add_argument(
         "--isolated", action="store_true", help="feed each layer of the implementation the reference's input to it"
+    )
+    _add_layers_option(
+        p,
+        "judge decoder layers A .. B-1 only, isolated: the reference runs from the embeddings to layer B-1, the "
+        "float64 oracle and the implementation over the range alone (docs/any-size.md)",
     )
     _add_impl_options(p)
     _add_run_options(p)
@@ -409,6 +459,70 @@ def _import_parser(sub) -> None:
     p.set_defaults(func=cmd_import)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .progress import wanted
+    from .sweep import grid_jobs, read_spec, sweep
+    from .sweep_report import line, summary, table
+
+    grid = dict(checkpoint=args.checkpoints or None, impl=args.impl, dtype=args.dtype, prompt=args.prompt)
+    grid.update(prompt_file=args.prompt_file, layers=args.layers, generate=args.generate)
+    given = {key: value for key, value in grid.items() if value is not None}
+    if args.spec and given:
+        raise HarnessError(f"--spec {args.spec}: give the grid in the spec or on the command line, not both")
+    flag = lambda key: "CKPT" if key == "checkpoint" else "--" + key.replace("_", "-")  # noqa: E731
+    jobs = read_spec(args.spec) if args.spec else grid_jobs(given, flag, Path.cwd())
+    bar = None
+    if wanted():
+        from tqdm import tqdm
+
+        bar = tqdm(desc="sweep", unit="job", file=sys.stderr, leave=False)
+
+    def show(record: dict, finished: int, total: int) -> None:
+        if bar is None:
+            return print(line(record, finished, total), flush=True)
+        bar.total = total
+        bar.update(1)
+        bar.write(line(record, finished, total), file=sys.stdout)
+
+    try:
+        result = sweep(jobs, args.out, address=args.address, on_record=show)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished jobs are kept in {args.out}; the same command runs the rest", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    print(table(result.records, result.merged))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"{summary(result.records)}; sweep.json and sweep.html written to {args.out} ({result.seconds:.0f} s)")
+    return result.exit_code
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="verify a grid (checkpoint x impl x dtype x prompt x layers x generate) as Ray tasks (docs/sweep.md)",
+    )
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="Meta or Hugging Face checkpoint directories")
+    p.add_argument("--out", required=True, metavar="DIR", help="the sweep's folder; a rerun into it skips done jobs")
+    p.add_argument("--spec", metavar="FILE", help="the grid from a .toml or .json file instead (docs/sweep.md)")
+    p.add_argument("--impl", metavar="X,Y", help="implementations, comma-separated (default: scratch)")
+    p.add_argument("--dtype", metavar="X,Y", help="dtypes, comma-separated (default: float32)")
+    p.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a prompt; repeat for more (default: the notebook's)"
+    )
+    p.add_argument("--prompt-file", action="append", metavar="FILE", help="a prompt file (UTF-8); repeat for more")
+    p.add_argument(
+        "--layers", metavar="auto|A:B,C:D", help="layer ranges, or auto: ranges sized to fit each node (default: all)"
+    )
+    p.add_argument("--generate", metavar="N,M", help="decode steps, comma-separated (default: 0)")
+    p.add_argument(
+        "--address", help="a Ray cluster, HOST:PORT, ray://HOST:PORT or auto (default: $RAY_ADDRESS, else a local Ray)"
+    )
+    p.set_defaults(func=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description=DESCRIPTION, epilog=EPILOG, top=True)
     parser.add_argument("--version", action="version", version=f"llama3-harness {__version__}")
@@ -447,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--work-dir", metavar="DIR", help="keep today's trace, comparison.json and a remade tiny here")
     _example_parser(sub)
     _import_parser(sub)
+    _sweep_parser(sub)
     return parser
 
 

@@ -47,6 +47,10 @@ OPTIONS = {  # option: (environment variable, help)
         "LLAMA3_GOLDEN",
         "a golden set's folder: judge the implementation against it, without running the reference",
     ),
+    "layers": (
+        "LLAMA3_LAYERS",
+        "A:B: test decoder layers A .. B-1 only, isolated (the reference runs from the embeddings to layer B-1)",
+    ),
 }
 SUITE = Path(__file__).with_name("suite.py")
 NAMING = ("impl", "checkpoint", "golden")  # naming one of these asks for the suite
@@ -237,6 +241,27 @@ def pytest_report_header(config):
     ]
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """Each case's blind spots: the RoPE-scaling bugs its dtype and prompt length cannot tell from rounding
+    (harness/blind_spots.py, the line `verify` prints); nothing when every one is seen."""
+    state = config.stash.get(STATE, None)
+    if state is None or not suite_requested(config) or state.options.golden:
+        return
+    from .blind_spots import blind_spots
+    from .run import make_run
+    from .suite_cases import checkpoint_of
+
+    reports = [r for kept in terminalreporter.stats.values() for r in kept if getattr(r, "when", None) == "call"]
+    ran = [r.nodeid for r in reports if Path(str(r.location[0])).name == SUITE.name]  # none under -m "not slow"
+    for case in [c for c in state.cases if c.checkpoint or state.tiny_root is not None]:
+        if not any(case.id in n for n in ran) and not (ran and len(state.cases) == 1):
+            continue  # a case none of whose tests ran says nothing
+        run = make_run(checkpoint_of(case, state.tiny_root), prompt=state.options.prompt, dtype=case.dtype)
+        line = blind_spots(run.checkpoint.config, case.dtype, len(run.tokens)).line(dtype_flag="--llama3-dtype")
+        if line:
+            terminalreporter.write_line(f"llama3 harness, {case.id}: {line}")
+
+
 def _prefix(cases: list[Case], case: Case) -> str:
     return f"{case.id}-" if len(cases) > 1 else ""
 
@@ -261,7 +286,7 @@ def pytest_generate_tests(metafunc):
             (c, layer, head, part, step)
             for c in cases
             for step in _steps(c)
-            for layer in range(c.n_layers)
+            for layer in c.layer_indices
             for head in range(c.n_heads)
             for part in head_parts(in_step=step is not None)  # a step's heads also hold the cache they attend
         ]
@@ -273,12 +298,28 @@ def pytest_generate_tests(metafunc):
     if "layer_case" in metafunc.fixturenames:
         parts = layer_parts()
         params = [
-            (c, layer, part, step) for c in cases for step in _steps(c) for layer in range(c.n_layers) for part in parts
+            (c, layer, part, step) for c in cases for step in _steps(c) for layer in c.layer_indices for part in parts
         ]
         ids = [f"{_prefix(cases, c)}{_step_id(step)}layer{layer}-{part}" for c, layer, part, step in params]
         metafunc.parametrize("layer_case", params, ids=ids)
     if "case" in metafunc.fixturenames:
-        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+        params = [pytest.param(c, marks=_outside(c, metafunc.function.__name__)) for c in cases]
+        metafunc.parametrize("case", params, ids=[c.id for c in cases])
+
+
+# What a whole-model test of harness/suite.py checks: the embeddings (before layer 0), or after the last layer.
+_BEFORE_THE_LAYERS = {"test_embeddings"}
+_AFTER_THE_LAYERS = {"test_final_norm", "test_logits", "test_next_token"}
+
+
+def _outside(case: Case, test: str) -> list:
+    """A skip mark for a whole-model test whose names a `--llama3-layers` range leaves out."""
+    if case.layers is None:
+        return []
+    start, stop = case.layers
+    if test in _BEFORE_THE_LAYERS and start > 0 or test in _AFTER_THE_LAYERS and stop < case.n_layers:
+        return [pytest.mark.skip(reason=f"outside --llama3-layers {start}:{stop} of {case.n_layers} layers")]
+    return []
 
 
 # ---- computed once per session, by whichever worker gets there first -------------------------------------------------

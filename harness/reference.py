@@ -8,6 +8,7 @@ split, q/k back to Meta's interleaved pairs, each query head given its KV head.
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 from collections.abc import Callable
 
@@ -25,9 +26,11 @@ from transformers.models.llama.modeling_llama import (
 from . import hf_layout
 from .adapter import Adapter, drop_batch, input_of, interleave_halves, kv_to_query_heads, llama_taps, output_of
 from .checkpoint import Checkpoint
+from .isolation import RangeEnd, layer_range, skip_layer
 from .names import ORACLE_PREFIX
 from .recording import record
 from .trace_file import Rows, kept_rows
+from .weights import LOGIT_ROWS, ReadEmbedding, ReadLinear, norm_of, read_layer
 
 # The KV cache's keyword: `cache` in transformers 5.2x (where `past_key_values` warns that 5.40 removes it), and
 # `past_key_values` in the 5.x releases before it. Read off the signature once: no FutureWarning on a normal run.
@@ -92,32 +95,27 @@ AttentionInterface.register(ATTENTION, _attention)
 AttentionMaskInterface.register(ATTENTION, eager_mask)  # the mask eager attention gets: finfo.min above the diagonal
 
 
-def hf_tensor(ckpt: Checkpoint, meta_name: str, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor in HF's layout: q/k rows permuted for rotate_half (new memory); the others as loaded (no copy)."""
-    t = ckpt.tensor(meta_name)
-    if heads := hf_layout.heads_of(meta_name):
-        t = hf_layout.permute_to_hf(t, getattr(ckpt.config, heads))
-    return t.to(dtype)
+def _pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return hidden_states  # a decoder layer skipped (harness.skip_layer): its input, unchanged
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu") -> LlamaForCausalLM:
-    """The reference model. From an HF directory as users load it; from a Meta one, built on the meta device and
-    assigned the loaded tensors (no random init, no copy but the permuted q/k and any dtype conversion)."""
-    if ckpt.format == "hf":
-        model = LlamaForCausalLM.from_pretrained(
-            ckpt.path, dtype=dtype, attn_implementation=ATTENTION, local_files_only=True
-        )
-        return model.to(device).eval()
+    """The reference model, from a Meta or an HF directory alike: transformers' LlamaForCausalLM built on the meta
+    device, then given modules that read their weights when they run (the embeddings a row lookup, each projection
+    whole or by blocks of rows, the logits a chunk of vocabulary rows at a time), so that one projection's weights are
+    resident at a time; the norms' weights loaded now. A layer that an isolated `--layers` run skips passes its input
+    through (harness.skip_layer)."""
     cfg = hf_layout.hf_config(ckpt.config)
     cfg._attn_implementation = ATTENTION
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    sd = {hf_layout.meta_to_hf_name(n): hf_tensor(ckpt, n, dtype) for n in ckpt.names()}
-    if cfg.tie_word_embeddings:
-        del sd["lm_head.weight"]
-    model.load_state_dict(sd, assign=True, strict=not cfg.tie_word_embeddings)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
+    model.model.embed_tokens = ReadEmbedding(ckpt, dtype, device)
+    for index, layer in enumerate(model.model.layers):
+        read_layer(layer, ckpt, dtype, device)
+        if skip_layer(index):
+            layer.forward = _pass_through
+    model.model.norm = norm_of(ckpt.tensor("norm.weight").to(device=device, dtype=dtype), ckpt.config.norm_eps)
+    model.lm_head = ReadLinear(ckpt, "output.weight", dtype, device, block_rows=LOGIT_ROWS)
     model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers were left on the meta device
     return model.to(device).eval()
 
@@ -193,12 +191,6 @@ class _RMSNormFloat64(LlamaRMSNorm):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-def _norm_float64(weight: torch.Tensor, eps: float) -> _RMSNormFloat64:
-    norm = _RMSNormFloat64(weight.shape[0], eps=eps).to(device=weight.device, dtype=weight.dtype)
-    norm.weight = torch.nn.Parameter(weight, requires_grad=False)
-    return norm
-
-
 def _rotary_float64(
     cfg: LlamaConfig, n_tokens: int, device: str, start_pos: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,24 +219,33 @@ def run_oracle(
     *,
     prefix: str = ORACLE_PREFIX,
     device: torch.device | str = "cpu",
-    chunk_rows: int = 16384,
+    chunk_rows: int = LOGIT_ROWS,
     start_pos: int = 0,
     cache: dict | None = None,
     return_logits: bool = False,
+    layers: range | None = None,
+    layer_input: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """The reference in float64, one decoder layer resident at a time (HF's own module classes, traced by the same
-    adapter), logits in chunks of vocabulary rows: the oracle costs one layer's weights in float64, not the whole
-    model's. Where HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in
-    float64. Logits: only the rows a trace keeps (every row up to FULL_LOGITS_MAX_ELEMENTS); with `return_logits` (a
-    float64 reference is this run itself) every row, returned [T, V].
+    """The reference in float64, one decoder layer at a time (HF's own module classes, traced by the same adapter),
+    each projection's weights read in float64 when it runs (by blocks of rows past BLOCK_BYTES), logits in chunks of
+    vocabulary rows: the oracle holds at most about BLOCK_BYTES of float64 weights, whatever the model's size. Where
+    HF computes in float32 whatever the dtype (RMSNorm, RoPE angles, softmax) the oracle stays in float64. Logits:
+    only the rows a trace keeps (every row up to FULL_LOGITS_MAX_ELEMENTS); with `return_logits` (a float64 reference
+    is this run itself) every row, returned [T, V].
+    `layers` (`--layers A:B`): only those decoder layers, the first fed `layer_input` [1, T, D] (the working-dtype
+    reference's input to it) unless it is layer 0; the final norm and logits only when the range reaches the end.
     Generation: with `cache` (the oracle's own dict, kept across steps) `tokens` sit at start_pos .. and use a float64
     DynamicCache kept in it."""
     f64, config = torch.float64, ckpt.config
+    layers = layers or range(config.n_layers)
     cfg = hf_layout.hf_config(config)
     cfg._attn_implementation = ATTENTION
     ids = tokens.to(dtype=torch.long, device="cpu")
-    x = ckpt.tensor("tok_embeddings.weight")[ids].to(device=device, dtype=f64)[None]  # [1, T, D]
-    record(prefix + "embeddings", x[0])
+    if layers.start == 0:
+        x = ckpt.take("tok_embeddings.weight", ids).to(device=device, dtype=f64)[None]  # [1, T, D]
+        record(prefix + "embeddings", x[0])
+    else:
+        x = layer_input.to(device=device, dtype=f64)  # [1, T, D]
     position_ids = torch.arange(start_pos, start_pos + len(ids), device=device)[None]  # [1, T]
     cos_sin = _rotary_float64(cfg, len(ids), device, start_pos)
     past = None if cache is None else cache.setdefault("past_key_values", DynamicCache(config=cfg))
@@ -254,57 +255,98 @@ def run_oracle(
         )
     else:
         mask = _step_mask(len(ids), start_pos, device)  # [1, 1, T, K]
-    for index in range(config.n_layers):
-        with torch.device("meta"):
-            layer = LlamaDecoderLayer(cfg, index)
-        sd = {
-            hf_layout.meta_to_hf_name(n).removeprefix(f"model.layers.{index}."): hf_tensor(ckpt, n, f64).to(device)
-            for n in ckpt.names()
-            if n.startswith(f"layers.{index}.")
-        }
-        layer.load_state_dict(sd, assign=True)
-        layer.input_layernorm = _norm_float64(layer.input_layernorm.weight, config.norm_eps)
-        layer.post_attention_layernorm = _norm_float64(layer.post_attention_layernorm.weight, config.norm_eps)
-        with HUGGING_FACE.attached(layer, config, prefix=prefix, layer=index, cache=past is not None):
-            x = _first(
-                layer(
-                    x,
-                    attention_mask=mask,
-                    position_embeddings=cos_sin,
-                    position_ids=position_ids,
-                    use_cache=past is not None,
-                    **{CACHE: past},
-                )
-            )
-        del layer, sd
-    h = _norm_float64(ckpt.tensor("norm.weight").to(device=device, dtype=f64), config.norm_eps)(x)[0]  # [T, D]
-    record(prefix + "norm", h)
-    weight = ckpt.tensor("output.weight")  # [V, D], read a chunk of rows at a time
-    rows = None if return_logits else kept_rows("logits", (len(ids), weight.shape[0]))  # an 8B's [8192, V] is 8 GiB
+    call = dict(attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids, **{CACHE: past})
+    for index in layers:
+        x = _oracle_layer(ckpt, cfg, index, x, prefix, device, call)  # [1, T, D]
+    if layers.stop < config.n_layers:
+        return None
+    h = norm_of(ckpt.tensor("norm.weight").to(device=device, dtype=f64), config.norm_eps, _RMSNormFloat64)(x)[0]
+    record(prefix + "norm", h)  # [T, D]
+    return _oracle_logits(ckpt, h, prefix, chunk_rows, return_logits)
+
+
+def _oracle_layer(
+    ckpt: Checkpoint, cfg: LlamaConfig, index: int, x: torch.Tensor, prefix: str, device, call: dict
+) -> torch.Tensor:
+    """Decoder layer `index` in float64, built on the meta device and given its weights (read as it runs), traced under
+    `prefix`, then dropped. [1, T, D] -> [1, T, D]"""
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(cfg, index)
+    read_layer(layer, ckpt, torch.float64, device, norm=_RMSNormFloat64)
+    past = call[CACHE]
+    with HUGGING_FACE.attached(layer, ckpt.config, prefix=prefix, layer=index, cache=past is not None):
+        x = _first(layer(x, use_cache=past is not None, **call))
+    del layer
+    _return_freed_memory()
+    return x
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim): glibc keeps what a layer's activations
+    and reads freed, pinned between small live objects, so the verify's peak grew with depth (6 MB a layer at 8B width,
+    measured; none with this). Nothing where there is no glibc."""
+    trim = getattr(_C_LIBRARY, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+try:
+    _C_LIBRARY = ctypes.CDLL(None)  # the process's own C library (glibc, musl, libSystem)
+except (OSError, TypeError):  # Windows has no such handle
+    _C_LIBRARY = None
+
+
+def _oracle_logits(ckpt: Checkpoint, h: torch.Tensor, prefix: str, chunk_rows: int, return_logits: bool):
+    """The float64 logits of the final norm's output h [T, D], the output matrix read a chunk of rows at a time: only
+    the rows a trace keeps (an 8B's [8192, V] is 8 GiB), unless `return_logits` (then every row, returned [T, V])."""
+    n_vocab = ckpt.shape("output.weight")[0]
+    rows = None if return_logits else kept_rows("logits", (h.shape[0], n_vocab))
     kept = h if rows is None else h[rows]  # [T or R, D]
     logits = torch.cat(
         [
-            kept @ weight[i : i + chunk_rows].to(device=device, dtype=f64).T
-            for i in range(0, weight.shape[0], chunk_rows)
+            kept @ ckpt.rows("output.weight", i, min(i + chunk_rows, n_vocab)).to(device=h.device, dtype=h.dtype).T
+            for i in range(0, n_vocab, chunk_rows)
         ],
         dim=-1,
     )  # [T or R, V]
-    record(prefix + "logits", logits if rows is None else Rows(logits, rows, len(ids)))
+    record(prefix + "logits", logits if rows is None else Rows(logits, rows, h.shape[0]))
     return logits if return_logits else None
 
 
 def forward(
     checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str, oracle: bool = True
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """The reference as an implementation of the harness's contract: logits [T, V], every canonical name recorded;
     with `oracle` also its float64 run under `_oracle.NAME`. A float64 reference is that float64 run itself: HF's
-    modules would compute norms, RoPE angles and softmax in float32."""
-    if dtype == torch.float64:
-        return run_oracle(checkpoint, tokens, prefix="", device=device, return_logits=True)
-    logits = HUGGING_FACE(checkpoint, tokens, dtype=dtype, device=device)
+    modules would compute norms, RoPE angles and softmax in float32.
+    In a `--layers A:B` run HF's model runs from the embeddings to layer B - 1 (the harness stops it there) and the
+    oracle over A .. B - 1 only, from HF's input to layer A: None when the range ends before the logits."""
+    layers = _layers(checkpoint)
+    if dtype == torch.float64:  # from the embeddings, as HF's model would run: the range's input is its own
+        return run_oracle(checkpoint, tokens, prefix="", device=device, return_logits=True, layers=range(layers.stop))
+    model = build_model(checkpoint, dtype, device)
+    inputs = {}  # the input of the range's first layer, for the oracle to start from
+
+    def keep(module, args, kwargs):
+        inputs["x"] = args[0] if args else kwargs["hidden_states"]
+
+    with HUGGING_FACE.attached(model, checkpoint.config, n_tokens=len(tokens)):
+        first = model.model.layers[layers.start].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            logits = _run_hf(model, tokens.to(device)).logits[0]  # [T, V]
+        except RangeEnd:
+            logits = None  # the range ended before the logits
+        finally:
+            first.remove()
     if oracle:
-        run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device)
+        run_oracle(checkpoint, tokens, prefix=ORACLE_PREFIX, device=device, layers=layers, layer_input=inputs.get("x"))
     return logits
+
+
+def _layers(checkpoint: Checkpoint) -> range:
+    """The decoder layers this run judges: a `--layers` range, or all of them."""
+    judged = layer_range()
+    return range(judged.start, judged.stop) if judged is not None else range(checkpoint.config.n_layers)
 
 
 def decoder(oracle: bool = True) -> Callable[..., torch.Tensor]:

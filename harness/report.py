@@ -1,5 +1,5 @@
-"""Reports people can read: the text table `compare` prints (with its warnings), the lines `verify --generate` adds,
-and report.html around the plots (harness/plots.py) for `verify`.
+"""Reports people can read: the text table `compare` prints (with its warnings), the lines `verify` adds (how it ran,
+near ties, `--generate`'s steps), and report.html around the plots (harness/plots.py) for `verify`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from .bound import ABS_TERM_ULPS, FLOOR_FACTOR, UNIT_ROUNDOFF
 from .compare import Comparison, NameResult
 from .errors import HarnessError
 from .files import atomic_path
+from .names import ORACLE_PREFIX
 from .plots import PNGS, divergent_head, draw, heat_value, plot_positions
 
 REPORT_FILES = ("report.html", *PNGS)  # what write_report may write into its folder
@@ -242,7 +243,62 @@ def greedy_differences(result) -> list[str]:
             f"greedy tokens differ at step {', '.join(map(str, near))}: near ties (the float64 oracle puts the two "
             "tokens closer than the two sides' logit errors): rounding, not a divergence"
         )
+        for s in near:
+            tie = greedy_tie(result, f"steps.{s}.logits", ref[s], impl[s])
+            lines += [f"  step {s}: {tie}"] if tie else []
     return lines + [f"greedy tokens differ beyond rounding at {u}" for u in unexplained]
+
+
+def greedy_tie(result, name: str, a: int, b: int) -> str | None:
+    """Why the reference's greedy token `a` and the implementation's `b` differ at the last row of `name`: each side's
+    logits of both, and the float64 oracle's margin between them against the two sides' largest logit errors there
+    (harness/generation.py's rule: within the errors, a near tie). None when the traces do not hold them."""
+    from .trace_file import load_trace
+
+    try:
+        with load_trace(Path(result.out) / "reference.h5") as ref, load_trace(result.trace_path) as impl:
+            if name not in impl or ORACLE_PREFIX + name not in ref:
+                return None
+            r, i, o = (t[n][-1].double() for t, n in ((ref, name), (impl, name), (ref, ORACLE_PREFIX + name)))  # [V]
+    except (HarnessError, OSError, AttributeError):
+        return None
+    from .generation import greedy_tie as tie_of
+
+    tie = tie_of(r, i, o, a, b)
+    near, gap, err = tie.near, tie.gap, tie.err
+    return (
+        f"logits of {a} (the reference's) and {b} ({result.implementation}'s): reference {float(r[a]):.4g} and "
+        f"{float(r[b]):.4g}, {result.implementation} {float(i[a]):.4g} and {float(i[b]):.4g}; the float64 oracle puts "
+        f"them {gap:.3g} apart ({float(o[a]):.4g} and {float(o[b]):.4g}), {'within' if near else 'more than'} the two "
+        f"sides' logit errors ({err:.3g}): " + ("a near tie, rounding" if near else "beyond rounding")
+    )
+
+
+def next_token_lines(result) -> list[str]:
+    """What `verify` prints after the next token of one forward pass when the two sides' differ: why (`greedy_tie`)."""
+    a, b = result.reference_token, result.implementation_token
+    if a == b:
+        return []
+    tie = greedy_tie(result, "logits", a, b)
+    return [f"next tokens differ: {tie}"] if tie else []
+
+
+def run_mode(*, isolated: bool, vectorized: bool, generate: int, implementation: str) -> str:
+    """How `verify` ran, one line: end to end or isolated layers, attention per head or batched, one forward pass or
+    a generation."""
+    layers = (
+        f"isolated layers (each layer of {implementation} fed the reference's input to it)"
+        if isolated
+        else "end to end (each layer fed its own previous layer's output)"
+    )
+    attention = ", attention batched (every head at once, --vectorized)" if vectorized else ""
+    passes = (
+        f"a prefill and {generate} decode steps with the KV cache, each side fed the reference's greedy tokens, and "
+        f"{implementation}'s no-cache forward over the same tokens"
+        if generate
+        else "one forward pass over the prompt"
+    )
+    return f"run: {layers}{attention}; {passes}"
 
 
 __all__ = [
@@ -250,6 +306,9 @@ __all__ = [
     "describe_divergence",
     "divergent_head",
     "generation_lines",
+    "greedy_tie",
+    "next_token_lines",
+    "run_mode",
     "heat_value",
     "plot_positions",
     "summary_line",

@@ -19,7 +19,7 @@ from . import names as canon
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import HarnessError
 from .implementation import Forward, Implementation, builtin
-from .isolation import isolated
+from .isolation import LayerRange, RangeEnd, isolated, layers_judged
 from .recording import record, record_calls, recorded, tracing
 from .tokenizer import encode_prompt, load_tokenizer
 from .tokenizer import token_text_of as _text
@@ -119,6 +119,7 @@ class Run:
     isolated: bool = False
     text: Callable[[int], str] = repr  # token id -> text, from the tokenizer loaded once for the run
     generate: int = 0  # decode steps after the prefill (harness/generation.py); 0: one forward over the prompt
+    layers: LayerRange | None = None  # --layers A:B: only those decoder layers recorded (and, isolated, judged)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -134,15 +135,21 @@ def make_run(
     names: Sequence[str] | None = None,
     isolated: bool = False,
     generate: int = 0,
+    layers: str | tuple[int, int] | None = None,
 ) -> Run:
-    """Check every input before any work (errors come first) and load the tokenizer once."""
+    """Check every input before any work (errors come first) and load the tokenizer once. `layers`: "A:B" or (A, B)."""
     parse_dtype(dtype)
     check_device(device)
     if not isinstance(generate, int) or generate < 0:
         raise HarnessError(f"--generate {generate}: expected a number of decode steps, 0 or more")
+    if generate and layers is not None:
+        raise HarnessError("--layers with --generate: a layer range covers one forward pass, not generation steps")
     if generate and isolated:
         raise HarnessError("--isolated with --generate: isolated mode covers one forward pass, not generation steps")
+    if layers is not None and names:
+        raise HarnessError("--layers with --names: a range records its layers' names; give one of the two")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    judged = None if layers is None else parse_layers(layers, ckpt.config.n_layers)
     enc = _tokenizer(ckpt)
     tokens = prompt_tokens(ckpt, prompt, enc)
     if len(tokens) + generate > ckpt.config.max_seq_len:
@@ -150,7 +157,22 @@ def make_run(
             f"{ckpt.path}: prompt of {len(tokens)} tokens plus --generate {generate} is longer than the "
             f"model's context of {ckpt.config.max_seq_len}"
         )
-    return Run(ckpt, prompt, tokens, dtype, device, tuple(names) if names else None, isolated, _text(enc), generate)
+    names = tuple(names) if names else None
+    return Run(ckpt, prompt, tokens, dtype, device, names, isolated, _text(enc), generate, judged)
+
+
+def parse_layers(layers: str | tuple[int, int], n_layers: int) -> LayerRange:
+    """`--layers A:B` (or (A, B)): decoder layers A .. B - 1 of a model of `n_layers`, 0 <= A < B <= n_layers."""
+    text = layers if isinstance(layers, str) else ":".join(map(str, layers))
+    start, _, stop = text.partition(":")
+    if not (start.isdigit() and stop.isdigit()):
+        raise HarnessError(f"--layers {text}: expected A:B, the decoder layers A .. B-1 (e.g. 0:{n_layers}: all)")
+    if not int(start) < int(stop) <= n_layers:
+        raise HarnessError(
+            f"--layers {text}: outside the model's {n_layers} layers; A:B with 0 <= A < B <= {n_layers} "
+            f"(0:{n_layers}: all of them)"
+        )
+    return LayerRange(int(start), int(stop), n_layers)
 
 
 def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any]:
@@ -162,6 +184,7 @@ def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any
         tokens=list(run.tokens),
         checkpoint=run.checkpoint,
         isolated=run.isolated,
+        **({"layers": [run.layers.start, run.layers.stop]} if run.layers else {}),
         **extra,
     )
 
@@ -195,14 +218,27 @@ def open_trace(run: Run, impl: Implementation, out: str | Path, **extra: Any) ->
         return None
 
     meta = trace_metadata(run, impl.name, **extra, **impl.metadata)
-    with tracing(out, names=run.names, check_shape=check_shape, **meta), torch.inference_mode():
+    with tracing(out, names=_kept(run, impl), check_shape=check_shape, **meta), torch.inference_mode():
         yield
 
 
-def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace | None = None) -> torch.Tensor:
+def _kept(run: Run, impl: Implementation) -> tuple[str, ...] | None:
+    """The name globs a trace keeps: the run's (`--names`), or its range's names. The reference, run whole up to the
+    range, also keeps its output of the layer before it: the input isolated mode gives the range's first layer."""
+    if run.layers is None:
+        return run.names
+    patterns = run.layers.patterns()
+    if impl.name == "reference" and not run.isolated and run.layers.start > 0:
+        patterns.append(f"layers.{run.layers.start - 1}.output")
+    return tuple(patterns)
+
+
+def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace | None = None) -> torch.Tensor | None:
     """Trace `impl` on `run` into `out`; returns its logits [T, V]. The harness records `tokens` and the run's
     metadata, and `logits` from the return value unless the implementation recorded them. In isolated mode
     (`run.isolated`) every `harness.layer_input` call gets the input `reference` gave that layer.
+    A `--layers A:B` run (`run.layers`) keeps only the range's names and ends the forward at `layer_input(B, x)`:
+    None when that is before the logits.
     Nothing is written when the implementation fails, records nothing, or records or returns a wrong shape.
     A generation (`run.generate`) is harness/generation.py's `trace_generation`."""
     if run.generate:
@@ -213,7 +249,7 @@ def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace |
             raise HarnessError("isolated mode needs the reference's trace")
         isolation = isolated(_reference_input(reference), run.checkpoint.config.n_layers, impl.name)
     tokens = torch.tensor(run.tokens, dtype=torch.long)  # [T]
-    with open_trace(run, impl, out):
+    with open_trace(run, impl, out), layers_judged(run.layers):
         record("tokens", tokens)
         return trace_call(run, impl.name, impl.forward, tokens, isolation=isolation)
 
@@ -240,15 +276,18 @@ def trace_call(
             f"{name}: recorded nothing: call harness.record(NAME, tensor) at the canonical names "
             f"(README: Canonical names), or map them in an Adapter"
         )
-    if not recorded("logits"):
+    if logits is not None and not recorded("logits"):
         record("logits", logits)
     return logits
 
 
 def _call(run: Run, name: str, forward: Forward, tokens: torch.Tensor, step: int | None, **decode) -> torch.Tensor:
-    """The implementation called, its errors as one line naming it (and the step), its logits' shape checked."""
+    """The implementation called, its errors as one line naming it (and the step), its logits' shape checked. None:
+    a `--layers` range ended the forward before the logits."""
     try:
         logits = forward(run.checkpoint, tokens, dtype=run.torch_dtype, device=run.device, **decode)
+    except RangeEnd:
+        return None
     except (HarnessError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -257,6 +296,8 @@ def _call(run: Run, name: str, forward: Forward, tokens: torch.Tensor, step: int
             f"{name} raised {type(e).__name__}{where}: {e} (rerun with --debug for the traceback)"
         ) from e
     want = (len(tokens), run.checkpoint.config.vocab_size)
+    if logits is None and run.layers is not None and run.layers.stop < run.layers.n_layers:
+        return None  # the range ended before the logits (the implementation's own way of stopping)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
         got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         what, axes = ("", "[T, vocab]") if step is None else (f" step {step}", "[T, vocab], T = the step's new tokens")
@@ -283,9 +324,10 @@ def trace_scratch(
     device: str = "cpu",
     progress: bool = False,
     vectorized: bool = False,
-) -> torch.Tensor:
-    """The from-scratch forward traced into `out`; returns the logits [T, V]."""
-    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
+    layers: str | tuple[int, int] | None = None,
+) -> torch.Tensor | None:
+    """The from-scratch forward traced into `out`; returns the logits [T, V] (None: a `layers` range ended first)."""
+    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names, layers=layers)
     return trace(run, builtin("scratch", vectorized=vectorized, progress=progress), out)
 
 
@@ -298,7 +340,8 @@ def trace_reference(
     names: list[str] | None = None,
     device: str = "cpu",
     oracle: bool = True,
-) -> torch.Tensor:
+    layers: str | tuple[int, int] | None = None,
+) -> torch.Tensor | None:
     """The Hugging Face reference traced into `out` (with its float64 oracle under `_oracle.`); returns the logits."""
-    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names)
+    run = make_run(ckpt, prompt=prompt, dtype=dtype, device=device, names=names, layers=layers)
     return trace(run, builtin("reference", oracle=oracle), out)

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, rope_frequencies
-from .isolation import layer_input
+from .isolation import layer_input, skip_layer
 from .names import head_name, head_parts
 from .recording import is_tracing, record
 
@@ -270,7 +270,7 @@ def forward(
     """
     config = checkpoint.config
     tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [T]
-    x = checkpoint.tensor("tok_embeddings.weight")[tokens].to(device=device, dtype=dtype)  # [T, D]
+    x = checkpoint.take("tok_embeddings.weight", tokens).to(device=device, dtype=dtype)  # [T, D], the tokens' rows
     record("embeddings", x)
     if cache is None:
         freqs_cis = rope_freqs_cis(config, tokens.shape[0], dtype, device)  # [T, hd/2]
@@ -287,6 +287,8 @@ def forward(
         layers = tqdm(layers, desc="scratch", unit="layer", leave=False)
     heads = {"attend": attention_all_heads} if vectorized else {}  # one head at a time by default, as the notebook
     for layer in layers:
+        if skip_layer(layer):  # --layers A:B, isolated: layer A's input comes from the reference
+            continue
         x = layer_input(layer, x)  # isolated mode: the reference's input to this layer
         x = transformer_layer(
             layer, x, layer_weights(checkpoint, layer, dtype, device), config, freqs_cis, mask, **heads, **kv_cache
@@ -294,6 +296,17 @@ def forward(
     x = layer_input(config.n_layers, x)
     norm = rms_norm(x, checkpoint.tensor("norm.weight").to(device=device, dtype=dtype), config.norm_eps)  # [T, D]
     record("norm", norm)
-    logits = norm @ checkpoint.tensor("output.weight").to(device=device, dtype=dtype).T  # [T, V]
+    logits = output_logits(checkpoint, norm)  # [T, V]
     record("logits", logits)
     return logits
+
+
+def output_logits(checkpoint: Checkpoint, norm: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+    """norm @ output.weight.T, the output matrix read a chunk of vocabulary rows at a time (a 405B's is 4 GiB in
+    bfloat16). [T, D] -> [T, V]"""
+    n_vocab = checkpoint.shape("output.weight")[0]
+    chunks = [
+        norm @ checkpoint.rows("output.weight", i, min(i + rows, n_vocab)).to(device=norm.device, dtype=norm.dtype).T
+        for i in range(0, n_vocab, rows)
+    ]  # each [T, rows]
+    return torch.cat(chunks, dim=-1)  # [T, V]

@@ -16,13 +16,13 @@ from filelock import FileLock
 
 from .errors import HarnessError
 from .files import atomic_path
-from .run import DEFAULT_PROMPT, make_run, parse_dtype, read_prompt_file
+from .run import DEFAULT_PROMPT, make_run, parse_dtype, parse_layers, read_prompt_file
 from .trace_file import load_trace
 
 if TYPE_CHECKING:
     from .golden_set import GoldenSet
 
-GOLDEN_FIXES = ("dtype", "prompt", "prompt_file", "isolated", "generate")  # a golden set's own, not options
+GOLDEN_FIXES = ("dtype", "prompt", "prompt_file", "isolated", "generate", "layers")  # a golden set's own, not options
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class SuiteOptions:
     trace_dir: str | None = None
     generate: int = 0  # decode steps after the prefill (--llama3-generate)
     golden: GoldenSet | None = None  # --llama3-golden: the set read (harness/golden_set.py); no reference run
+    layers: str | None = None  # --llama3-layers A:B: those decoder layers only, isolated
 
 
 def read_options(value: Callable[[str], Any]) -> SuiteOptions:
@@ -66,6 +67,7 @@ def read_options(value: Callable[[str], Any]) -> SuiteOptions:
         trace_dir=value("trace_dir"),
         generate=_generate(value("generate")),
         golden=golden,
+        layers=value("layers"),
     )
 
 
@@ -92,6 +94,12 @@ class Case:
     impl: str = "scratch"
     generate: int = 0  # decode steps after the prefill (--llama3-generate)
     golden: str | None = None  # judged against this golden set (--llama3-golden) instead of a reference run
+    layers: tuple[int, int] | None = None  # --llama3-layers A:B: decoder layers A .. B-1 only
+
+    @property
+    def layer_indices(self) -> range:
+        """The decoder layers the case tests."""
+        return range(*self.layers) if self.layers else range(self.n_layers)
 
 
 def suite_cases(options: SuiteOptions) -> list[Case]:
@@ -117,14 +125,35 @@ def suite_cases(options: SuiteOptions) -> list[Case]:
 
         c = open_checkpoint(options.checkpoint).config
         dtypes = options.dtypes or ("bfloat16",)
-        return [Case(d, d, c.n_layers, c.n_heads, checkpoint=options.checkpoint, **common) for d in dtypes]
+        layers = _layers(options, c.n_layers)
+        return [
+            Case(d, d, c.n_layers, c.n_heads, checkpoint=options.checkpoint, layers=layers, **common) for d in dtypes
+        ]
     from .tiny import VARIANTS
 
     return [
-        Case(f"tiny{v}-{d}", d, VARIANTS[v]["n_layers"], VARIANTS[v]["n_heads"], tiny=(v, 0), **common)
+        Case(
+            f"tiny{v}-{d}",
+            d,
+            VARIANTS[v]["n_layers"],
+            VARIANTS[v]["n_heads"],
+            tiny=(v, 0),
+            layers=_layers(options, VARIANTS[v]["n_layers"]),
+            **common,
+        )
         for v in VARIANTS
         for d in options.dtypes or ("float32", "bfloat16")
     ]
+
+
+def _layers(options: SuiteOptions, n_layers: int) -> tuple[int, int] | None:
+    """`--llama3-layers A:B` checked against a model of `n_layers` (one line, a usage error, when outside it)."""
+    if options.layers is None:
+        return None
+    if options.generate:
+        raise HarnessError("--llama3-layers with --llama3-generate: a layer range covers one forward pass")
+    judged = parse_layers(options.layers, n_layers)
+    return judged.start, judged.stop
 
 
 def check_inputs(options: SuiteOptions, cases: list[Case], tiny_root: Path | None) -> None:
@@ -227,6 +256,7 @@ def _run(case: Case, options: SuiteOptions, out: Path, tiny_root: Path) -> dict:
         isolated=options.isolated,
         impl=case.impl,
         generate=case.generate,
+        layers=case.layers,
     )
     return dict(
         impl=case.impl,

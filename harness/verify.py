@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .compare import Comparison, compare_traces, write_json
+from .blind_spots import BlindSpots, blind_spots
+from .compare import Comparison, compare_traces
 from .errors import HarnessError
 from .files import atomic_path
 from .generation import cache_vs_no_cache, generated_tokens, step_summary, trace_generation, unexplained_disagreements
@@ -35,10 +36,10 @@ class VerifyResult:
     out: Path
     implementation: str
     trace_path: Path  # the implementation's trace
-    reference_token: int
-    implementation_token: int
-    reference_text: str
-    implementation_text: str
+    reference_token: int | None  # None: a --layers range that ends before the logits
+    implementation_token: int | None
+    reference_text: str | None
+    implementation_text: str | None
     # --generate: each side's greedy tokens (N + 1), per-step summaries, the steps against the no-cache forward
     reference_generated: list[int] = field(default_factory=list)
     implementation_generated: list[int] = field(default_factory=list)
@@ -46,6 +47,7 @@ class VerifyResult:
     cache_check: list = field(default_factory=list)
     unexplained: list[str] = field(default_factory=list)  # steps whose greedy tokens differ beyond rounding
     replaced: list[str] = field(default_factory=list)  # a previous verify's files removed from `out` first
+    blind_spots: BlindSpots | None = None  # the RoPE-scaling bugs this dtype and prompt length cannot see
 
     @property
     def cache_passed(self) -> bool:
@@ -92,11 +94,13 @@ def verify(
     impl: str | Forward = "scratch",
     vectorized: bool = False,
     generate: int = 0,
+    layers: str | tuple[int, int] | None = None,
 ) -> VerifyResult:
     """Trace both sides into `out` (reference.h5, and scratch.h5 or implementation.h5), compare, write
     comparison.json and report.html. Every input is checked before any work. With `generate`, also the
     implementation's no-cache forward (scratch-nocache.h5 or implementation-nocache.h5). `progress`: a bar per phase
-    on stderr (harness/progress.py)."""
+    on stderr (harness/progress.py). `layers` ("A:B"): decoder layers A .. B-1 only, isolated: the reference runs
+    from the embeddings to layer B - 1, its oracle and the implementation over the range alone (docs/any-size.md)."""
     parse_dtype(dtype)
     check_device(device)
     if vectorized and impl != "scratch":
@@ -107,16 +111,22 @@ def verify(
         raise HarnessError(f"{out}: parent folder {out.parent} does not exist")
     if out.exists() and not out.is_dir():
         raise HarnessError(f"{out}: exists and is not a folder")
-    run = make_run(checkpoint, prompt=prompt, dtype=dtype, device=device, isolated=isolated, generate=generate)
+    isolated = isolated or layers is not None  # a range is judged isolated: each layer on the reference's input
+    run = make_run(
+        checkpoint, prompt=prompt, dtype=dtype, device=device, isolated=isolated, generate=generate, layers=layers
+    )
     with quiet_transformers():
         paths, ref_logits, impl_logits, replaced = _trace_both(run, implementation, out, progress)
     with phase("compare", enabled=progress):
         comparison = compare_traces(paths[0], paths[1], token_text=run.text)
+    spots = blind_spots(run.checkpoint.config, run.dtype, len(run.tokens))  # harness/blind_spots.py
     with phase("report", enabled=progress):
         if generate:
-            result = _generation_result(run, implementation.name, comparison, out, paths)
+            result = _generation_result(run, implementation.name, comparison, out, paths, spots)
         else:
-            result = _one_pass_result(run, implementation.name, comparison, out, paths[1], ref_logits, impl_logits)
+            result = _one_pass_result(
+                run, implementation.name, comparison, out, paths[1], ref_logits, impl_logits, spots
+            )
     result.replaced = replaced
     return result
 
@@ -150,26 +160,45 @@ def _trace_both(
 
 
 def _one_pass_result(
-    run: Run, implementation: str, comparison: Comparison, out: Path, impl_path: Path, ref_logits, impl_logits
+    run: Run,
+    implementation: str,
+    comparison: Comparison,
+    out: Path,
+    impl_path: Path,
+    ref_logits,
+    impl_logits,
+    spots: BlindSpots,
 ) -> VerifyResult:
     """One forward over the prompt: comparison.json, the report, both sides' next token."""
-    write_json(comparison, out / "comparison.json")
+    _write_json(out, _comparison_json(comparison, spots))
     text = run.text
-    ref_token, impl_token = int(ref_logits[-1].float().argmax()), int(impl_logits[-1].float().argmax())
+    ref_token, impl_token = (None if x is None else int(x[-1].float().argmax()) for x in (ref_logits, impl_logits))
+    mode = "isolated layers" if run.isolated else "end to end"
+    mode += f" {run.layers} of {run.layers.n_layers}" if run.layers else ""  # --layers A:B
     notes = [
-        f"implementation {implementation}; checkpoint {run.checkpoint.path}, dtype {run.dtype}, "
-        f"{'isolated layers' if run.isolated else 'end to end'}; prompt {run.prompt!r} ({len(run.tokens)} tokens)",
-        f"next token: reference {text(ref_token)!r} (id {ref_token}), "
-        f"{implementation} {text(impl_token)!r} (id {impl_token})",
+        f"implementation {implementation}; checkpoint {run.checkpoint.path}, dtype {run.dtype}, {mode}; "
+        f"prompt {run.prompt!r} ({len(run.tokens)} tokens)",
+        next_token_line(run, implementation, ref_token, impl_token),
+        *filter(None, [spots.line()]),
     ]
     write_report(comparison, out, notes=notes)
-    return VerifyResult(
-        comparison, out, implementation, impl_path, ref_token, impl_token, text(ref_token), text(impl_token)
+    texts = (None if token is None else text(token) for token in (ref_token, impl_token))
+    return VerifyResult(comparison, out, implementation, impl_path, ref_token, impl_token, *texts, blind_spots=spots)
+
+
+def next_token_line(run: Run, implementation: str, ref_token: int | None, impl_token: int | None) -> str:
+    """Both sides' next token; none when a --layers range ends before the logits."""
+    if ref_token is None or impl_token is None:
+        return f"next token: none (--layers {run.layers} ends before the logits)"
+    text = run.text
+    return (
+        f"next token: reference {text(ref_token)!r} (id {ref_token}), "
+        f"{implementation} {text(impl_token)!r} (id {impl_token})"
     )
 
 
 def _generation_result(
-    run: Run, implementation: str, comparison: Comparison, out: Path, paths: list[Path]
+    run: Run, implementation: str, comparison: Comparison, out: Path, paths: list[Path], spots: BlindSpots
 ) -> VerifyResult:
     """--generate: per-step results, the cache check and each side's generated text into comparison.json and the
     report."""
@@ -192,6 +221,7 @@ def _generation_result(
         step_summary(comparison.results, run.generate),
         cache_vs_no_cache(run, impl_path, nocache_path, ref_path),
         unexplained_disagreements(ref_path, impl_path),  # greedy tokens apart beyond near ties
+        blind_spots=spots,
     )
     _write_generation_json(run, result)
     first_cache = next((r.name for r in result.cache_check if not r.passed), None)
@@ -200,6 +230,7 @@ def _generation_result(
         f"({len(run.tokens)} tokens), prefill + {run.generate} decode steps fed the reference's greedy tokens",
         f"generated: reference {result.reference_text!r}, {implementation} {result.implementation_text!r}",
         f"cache against no cache: {'agree' if first_cache is None else 'first disagreement at ' + first_cache}",
+        *filter(None, [spots.line()]),
     ]
     write_report(comparison, out, notes=notes, steps=result.steps)
     return result
@@ -208,7 +239,7 @@ def _generation_result(
 def _write_generation_json(run: Run, result: VerifyResult) -> None:
     """comparison.json of a generation: the comparison's, with a `generation` section."""
     cache_check = result.cache_check
-    data = result.comparison.to_json()
+    data = _comparison_json(result.comparison, result.blind_spots)
     data["generation"] = {
         "steps": run.generate,
         "prompt_tokens": len(run.tokens),
@@ -225,5 +256,15 @@ def _write_generation_json(run: Run, result: VerifyResult) -> None:
             "failed": [r.name for r in cache_check if not r.passed],
         },
     }
-    with atomic_path(result.out / "comparison.json") as tmp:
+    _write_json(result.out, data)
+
+
+def _comparison_json(comparison: Comparison, spots: BlindSpots) -> dict[str, Any]:
+    """comparison.json's content: the comparison's, and `blind_spots` (harness/blind_spots.py; no classes without
+    scaled RoPE)."""
+    return {**comparison.to_json(), "blind_spots": spots.to_json()}
+
+
+def _write_json(out: Path, data: dict[str, Any]) -> None:
+    with atomic_path(out / "comparison.json") as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")

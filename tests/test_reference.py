@@ -10,11 +10,12 @@ import dataclasses
 import pytest
 import torch
 
-from harness import adapter, hf_layout, load_trace, names, reference, scratch
+from harness import adapter, hf_layout, load_trace, names, reference, scratch, weights
 from harness.checkpoint import open_checkpoint
 from harness.compare import rel_l2
 from harness.reference import build_model
 from harness.run import trace_reference, trace_scratch
+from tests.helpers import assert_expected
 
 CASES = [(v, f) for v in ("3.0", "3.1", "3.2") for f in ("meta", "hf")]
 REL_L2 = 1e-5  # compare.py's float32 bound; measured worst 2.8e-6
@@ -51,8 +52,10 @@ def test_reference_matches_scratch_within_float32_rounding(tiny_checkpoint, trac
 
 @pytest.mark.parametrize("variant", ["3.0", "3.2"])
 def test_built_from_meta_is_the_model_from_pretrained_gives(tiny_checkpoint, tmp_path, variant):
-    """The meta-device build (assigned tensors, recomputed rotary buffers, tied head) is bit-identical to
-    from_pretrained."""
+    """The model read a projection at a time (from a Meta or an HF directory alike) is bit-identical to the one
+    from_pretrained loads whole: the same modules, the same weights, the same order."""
+    from transformers import LlamaForCausalLM
+
     for fmt in ("meta", "hf"):
         trace_reference(
             open_checkpoint(tiny_checkpoint(variant, fmt)), tmp_path / f"{fmt}.h5", dtype="bfloat16", oracle=False
@@ -61,18 +64,43 @@ def test_built_from_meta_is_the_model_from_pretrained_gives(tiny_checkpoint, tmp
     assert a.names == b.names
     for name in a.names:
         assert torch.equal(a[name], b[name]), name
+    path = tiny_checkpoint(variant, "hf")
+    whole = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation=reference.ATTENTION)
+    with torch.inference_mode():
+        logits = whole(torch.tensor(a.tokens)[None], use_cache=False).logits[0]
+    assert torch.equal(logits.float(), a["logits"])
 
 
-def test_built_from_meta_shares_the_checkpoint_memory(tiny_checkpoint):
-    """Only q/k (permuted) are new memory when the dtype is the checkpoint's: the others are the loaded tensors."""
+def test_the_model_holds_no_projection_weights(tiny_checkpoint):
+    """Built on the meta device, each projection reads its weight when it runs and drops it after, so that one
+    projection's weights are resident at a time; only the norms are loaded (docs/any-size.md)."""
     ckpt = open_checkpoint(tiny_checkpoint("3.2"))
     model = build_model(ckpt, torch.bfloat16)
-    layer = model.model.layers[0]
-    assert model.model.embed_tokens.weight.data_ptr() == ckpt.tensor("tok_embeddings.weight").data_ptr()
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
-    assert layer.mlp.down_proj.weight.data_ptr() == ckpt.tensor("layers.0.feed_forward.w2.weight").data_ptr()
-    assert layer.self_attn.q_proj.weight.data_ptr() != ckpt.tensor("layers.0.attention.wq.weight").data_ptr()
+    loaded = [name for name, _ in model.named_parameters()]
+    assert len(loaded) == 2 * ckpt.config.n_layers + 1 and all(name.endswith("norm.weight") for name in loaded)
+    assert isinstance(model.model.layers[0].mlp.down_proj, weights.ReadLinear)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    x = torch.randn(1, 5, ckpt.config.dim).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x, weights.hf_tensor(ckpt, "layers.0.attention.wq.weight", torch.bfloat16))
+    assert torch.equal(model.model.layers[0].self_attn.q_proj(x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_projection_read_by_blocks_of_rows_is_the_whole_one(tiny_checkpoint, monkeypatch, dtype):
+    """Past BLOCK_BYTES a projection is applied a block of rows (output features) at a time; q/k in whole heads (their
+    rows are permuted within each for HF's rotate_half), within rounding. Blocks of 1 KiB: wq [128, 128] one head
+    (16 rows) at a time, w2 [128, 448] one row at a time."""
+    monkeypatch.setattr(weights, "BLOCK_BYTES", 1024)
+    for fmt in ("meta", "hf"):
+        ckpt = open_checkpoint(tiny_checkpoint("3.0", fmt))
+        for name in ("layers.1.attention.wq.weight", "layers.1.feed_forward.w2.weight"):
+            linear = weights.ReadLinear(ckpt, name, dtype, "cpu")
+            assert linear.rows < ckpt.shape(name)[0]
+            x = torch.randn(7, ckpt.shape(name)[1]).to(dtype)
+            want = torch.nn.functional.linear(x, weights.hf_tensor(ckpt, name, dtype))
+            # blocks of other sizes may sum in another order: 1 element of 896 off by 1.2e-7 (of outputs up to ~3) seen
+            unit = 2**-52 if dtype == torch.float64 else 2**-8
+            assert_expected(linear(x), want, rtol=0, atol=4 * unit * float(want.abs().max()))
 
 
 @pytest.mark.slow

@@ -22,6 +22,54 @@ def test_8b_shapes_have_the_8b_dimensions(tmp_path, shape, n_layers):
     assert c.n_layers == n_layers and c.rope_scaling_factor == 8.0
 
 
+@pytest.mark.parametrize(
+    "shape, dims",
+    [("70b-wide", (8192, 64, 8, 128, 28672, 128256)), ("405b-wide", (16384, 128, 8, 128, 53248, 128256))],
+)
+def test_70b_and_405b_wide_shapes_have_their_dimensions(tmp_path, shape, dims):
+    """Meta-Llama-3-70B's and Llama-3.1-405B's dim, heads, KV heads, head_dim, FFN and vocabulary, 2 layers or
+    `layers`."""
+    path = tmp_path / "params.json"
+    for layers, want in ((None, 2), (6, 6)):
+        path.write_text(json.dumps(shape_params(shape, "3.0", layers)))
+        c = config_from_params_json(path)
+        assert (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size) == dims
+        assert c.n_layers == want
+
+
+def test_make_tiny_layers_writes_that_many_and_remakes_them(tmp_path, capsys):
+    from harness.tiny import read_recipe, remake
+
+    assert main(["make-tiny", str(tmp_path / "t"), "--layers", "5"]) == 0
+    assert "tiny of 5 layers" in capsys.readouterr().out
+    recipe = read_recipe(tmp_path / "t")
+    assert recipe["layers"] == 5 and open_checkpoint(tmp_path / "t").config.n_layers == 5
+    assert (
+        open_checkpoint(remake(recipe, tmp_path / "again")).fingerprint()
+        == open_checkpoint(tmp_path / "t").fingerprint()
+    )
+    assert main(["make-tiny", str(tmp_path / "u"), "--layers", "0"]) == 2
+    assert "expected a whole number, 1 or more" in capsys.readouterr().err and not (tmp_path / "u").exists()
+
+
+def test_a_real_size_shape_is_written_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """Past _CHUNK_ELEMENTS a checkpoint is written by torch.save with room for each tensor (`skip_data`), then each
+    drawn into place a block of rows at a time: the same tensors, a zip whose CRCs check, loaded as any other."""
+    import zipfile
+
+    import harness.tiny as tiny
+
+    monkeypatch.setattr(tiny, "_CHUNK_ELEMENTS", 4096)  # the tiny shape's matrices drawn by blocks, written so
+    tiny.make_tiny_meta(tmp_path / "t", variant="3.2")
+    path = tmp_path / "t" / "consolidated.00.pth"
+    assert zipfile.ZipFile(path).testzip() is None
+    sd = torch.load(path, weights_only=True)
+    ckpt = open_checkpoint(tmp_path / "t")
+    assert ckpt.config.tie_word_embeddings and torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
+    for name in ckpt.names():
+        assert torch.equal(sd[name], make_tensor(name, ckpt.shape(name), seed=0)) or name == "output.weight", name
+
+
 def test_big_tensors_are_generated_in_bf16_row_blocks_deterministically(monkeypatch):
     import harness.tiny as tiny
 
@@ -48,7 +96,7 @@ def test_unknown_shape_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "invalid choice: '70b'" in err and len(err.strip().splitlines()) == 1
     assert not any((tmp_path / d).exists() for d in "xyz")
-    assert set(SHAPES) == {"tiny", "8b-wide", "8b"}
+    assert set(SHAPES) == {"tiny", "8b-wide", "8b", "70b-wide", "405b-wide"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
