@@ -197,3 +197,20 @@ def test_the_adapter_that_loads_a_layer_when_it_runs_computes_the_reference(tiny
         want = build_model(ckpt, torch.float32)(tokens, use_cache=False).logits  # eager attention; the page's SDPA
     assert_expected(logits, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     assert all(p.is_meta for p in model.model.layers.parameters())
+
+
+def test_the_plugins_range_is_checked_against_each_case(tiny_checkpoint):
+    """`--llama3-layers A:B` (LLAMA3_LAYERS) gives each case its range, checked against its model: one line when
+    outside it, or with --llama3-generate."""
+    from harness.suite_cases import read_options, suite_cases
+
+    def cases(**given):
+        return suite_cases(read_options(lambda name: given.get(name)))
+
+    (case,) = cases(checkpoint=str(tiny_checkpoint("3.0")), layers="1:3")
+    assert case.layers == (1, 3) and list(case.layer_indices) == [1, 2]
+    assert all(c.layers == (0, 1) for c in cases(layers="0:1")) and len(cases(layers="0:1")) == 6
+    with pytest.raises(HarnessError, match="^--layers 1:4: outside the model's 3 layers"):
+        cases(layers="1:4")
+    with pytest.raises(HarnessError, match="^--llama3-layers with --llama3-generate"):
+        cases(layers="1:2", generate="2")
