@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from harness import cli, load_trace, record, tracing
+from harness import cli, commands, load_trace, record, tracing
 from harness.checkpoint import open_checkpoint
 from harness.cli import build_parser, main
 from harness.run import DEFAULT_PROMPT
@@ -109,9 +109,10 @@ def test_compare_exits_0_on_agreement_and_1_on_divergence_and_writes_json(capsys
 
 
 def test_compare_names_the_token_text_from_the_trace_checkpoint(tiny_checkpoint):
-    text = cli.tokenizer_for({"checkpoint_path": str(tiny_checkpoint("3.0"))})
+    text = commands.tokenizer_for({"checkpoint_path": str(tiny_checkpoint("3.0"))})
     assert text(512) == "<|begin_of_text|>"
-    assert cli.tokenizer_for({"checkpoint_path": "/no/such/checkpoint"}) is None and cli.tokenizer_for({}) is None
+    assert commands.tokenizer_for({"checkpoint_path": "/no/such/checkpoint"}) is None
+    assert commands.tokenizer_for({}) is None
 
 
 def _raising(error: BaseException):
