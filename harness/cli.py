@@ -16,9 +16,11 @@ from .commands import (
     cmd_compare,
     cmd_convert,
     cmd_example,
+    cmd_gguf,
     cmd_golden,
     cmd_import,
     cmd_make_tiny,
+    cmd_quantization,
     cmd_sweep,
     cmd_trace,
     cmd_verify,
@@ -55,6 +57,12 @@ def _add_impl_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)"
     )
+    p.add_argument(
+        "--weights-from",
+        metavar="MODEL.gguf",
+        help="every side (reference, oracle, implementation) on this GGUF's dequantized weights; the checkpoint gives "
+        "the config and tokenizer (docs/quantized.md)",
+    )
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -69,6 +77,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=list(DTYPES), help="working dtype of the forward (default: float32)"
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    """`trace` and `verify`: a batch of prompts, padded (harness/batch.py, docs/batches.md)."""
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a batch: one prompt per line, or a JSON list; run padded at once, each sequence judged against the "
+        "reference on it alone (docs/batches.md)",
+    )
+    p.add_argument(
+        "--padding", default="left", choices=["left", "right"], help="with --prompts: where pads go (default: left)"
+    )
 
 
 def _add_layers_option(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -139,6 +160,7 @@ def _trace_parser(sub) -> None:
     )
     _add_impl_options(p)
     _add_run_options(p)
+    _add_batch_options(p)
     _add_generate_option(p)
     p.set_defaults(func=cmd_trace)
 
@@ -182,6 +204,7 @@ def _verify_parser(sub) -> None:
     )
     _add_impl_options(p)
     _add_run_options(p)
+    _add_batch_options(p)
     _add_generate_option(p)
     p.set_defaults(func=cmd_verify)
 
@@ -249,6 +272,48 @@ def _sweep_parser(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+def _quantization_parser(sub) -> None:
+    p = sub.add_parser(
+        "quantization",
+        help="measure a GGUF's quantization end to end: the reference (float32) on its dequantized weights against "
+        "the checkpoint's own; a report, not a verdict (docs/quantized.md)",
+    )
+    p.add_argument("checkpoint", help="the Meta or Hugging Face checkpoint the GGUF was converted from")
+    p.add_argument("--gguf", required=True, metavar="MODEL.gguf", help="the quantized model")
+    p.add_argument(
+        "--out", default="quantization-out", help="folder for the report and traces (default: ./quantization-out)"
+    )
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="text after <|begin_of_text|> (default: the notebook's)"
+    )
+    prompt.add_argument("--prompt-file", metavar="FILE", help="the prompt is this UTF-8 file's text, as it is")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.set_defaults(func=cmd_quantization)
+
+
+def _gguf_parser(sub) -> None:
+    p = sub.add_parser(
+        "gguf", help="write a checkpoint as a GGUF with llama.cpp's converter, for --impl llamacpp:MODEL.gguf"
+    )
+    p.add_argument("checkpoint", help="Meta or Hugging Face checkpoint directory")
+    p.add_argument("--out", required=True, metavar="MODEL.gguf", help="the GGUF to write (a new file)")
+    p.add_argument(
+        "--outtype",
+        default="f32",
+        choices=["f32", "bf16", "f16", "q8_0", "q4_k_m"],
+        help="its weights' type (default: f32); judge it with --dtype float32, bfloat16, float16, or bfloat16 "
+        "for the quantized ones",
+    )
+    p.add_argument(
+        "--converter",
+        metavar="PATH",
+        help="llama.cpp's convert_hf_to_gguf.py, a llama.cpp clone, or llama-cpp-python's sdist .tar.gz "
+        "(default: $LLAMA_CPP_CONVERTER)",
+    )
+    p.set_defaults(func=cmd_gguf)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description=DESCRIPTION, epilog=EPILOG, top=True)
     parser.add_argument("--version", action="version", version=f"llama3-harness {__version__}")
@@ -288,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     _example_parser(sub)
     _import_parser(sub)
     _sweep_parser(sub)
+    _quantization_parser(sub)
+    _gguf_parser(sub)
     return parser
 
 

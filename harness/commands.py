@@ -18,6 +18,17 @@ def _prompt(args: argparse.Namespace) -> str:
     return read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
 
 
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """`--prompts FILE`: the batch's prompts (None without it)."""
+    if getattr(args, "prompts", None) is None:
+        return None
+    if args.prompt_file:
+        raise HarnessError("--prompts with --prompt-file: give one of the two (a batch, or one prompt)")
+    from .batch import read_prompts
+
+    return read_prompts(args.prompts)
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
@@ -52,7 +63,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
         names=args.names,
         generate=args.generate,
         layers=args.layers,
+        weights_from=args.weights_from,
+        prompts=_prompts(args),
+        padding=args.padding,
     )
+    if run.batch is not None:
+        return _trace_batch(run, impl, args)
     with quiet_transformers() if impl.name == "reference" else contextlib.nullcontext():
         logits = (trace_generation if args.generate else trace)(run, impl, args.out)
     if args.generate:
@@ -69,6 +85,26 @@ def cmd_trace(args: argparse.Namespace) -> int:
     print(
         f"{impl.name} ({args.dtype}, {len(run.tokens)} tokens): next token {run.text(token)!r} (id {token}); "
         f"trace written to {args.out}"
+    )
+    return 0
+
+
+def _trace_batch(run, impl, args: argparse.Namespace) -> int:
+    """`trace --prompts`: the implementation on the padded batch (`--generate` needs the truth: use verify)."""
+    from .batch_run import trace_batched
+    from .progress import quiet_transformers
+
+    if args.generate:
+        raise HarnessError(
+            "trace --prompts --generate: a batch's decode steps are fed each sequence's reference tokens; run "
+            "`verify --prompts FILE --generate N`"
+        )
+    with quiet_transformers():
+        logits = trace_batched(run, impl, args.out)  # [B, T, V]
+    nexts = [run.text(int(logits[b, run.batch.real_columns(b)[-1]].float().argmax())) for b in range(run.batch.size)]
+    print(
+        f"{impl.name} ({args.dtype}, {run.batch.size} sequences {args.padding}-padded to {run.batch.width} tokens): "
+        f"next tokens {nexts!r}; trace written to {args.out}"
     )
     return 0
 
@@ -127,8 +163,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         vectorized=args.vectorized,
         generate=args.generate,
         layers=args.layers,
+        weights_from=args.weights_from,
+        prompts=_prompts(args),
+        padding=args.padding,
     )
     print(text_report(result.comparison))
+    if getattr(result, "batch", None) is not None:  # --prompts: each sequence's verdict, the reference's own check
+        return _print_batch(result, args)
     n_tokens = len(result.comparison.tokens or []) - args.generate  # the prompt's (the comparison's: and the decoded)
     if args.generate:
         print("\n".join(generation_lines(result)))
@@ -155,9 +196,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     spots = getattr(result, "blind_spots", None)  # the RoPE-scaling bugs this dtype and prompt cannot see
     if spots is not None and spots.line():
         print(spots.line())
+    if args.weights_from:  # --weights-from MODEL.gguf: what every side ran on
+        from .gguf_weights import weights_line
+
+        print(weights_line(result.trace_path))
     if result.replaced:
         print(f"{result.out} held a previous verify's files: replaced ({', '.join(result.replaced)})")
     print(f"{prompt}; traces, comparison.json and report.html written to {result.out}")
+    return 0 if result.passed else 1
+
+
+def _print_batch(result, args: argparse.Namespace) -> int:
+    print("\n".join(result.batch_lines))
+    if args.weights_from:  # --weights-from MODEL.gguf: what every side ran on
+        from .gguf_weights import weights_line
+
+        print(weights_line(result.trace_path))
+    print(f"traces, comparison.json and report.html written to {result.out}")
     return 0 if result.passed else 1
 
 
@@ -257,6 +312,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gguf(args: argparse.Namespace) -> int:
+    from .gguf_convert import judged_with, write_gguf
+
+    out = write_gguf(args.checkpoint, args.out, outtype=args.outtype, converter=args.converter)
+    dtype = judged_with(args.outtype)
+    print(f"wrote {out}; judge it: python -m harness verify {args.checkpoint} --dtype {dtype} --impl llamacpp:{out}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .progress import wanted
     from .sweep import grid_jobs, read_spec, sweep
@@ -295,3 +359,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"{summary(result.records)}; sweep.json and sweep.html written to {args.out} ({result.seconds:.0f} s)")
     return result.exit_code
+
+
+def cmd_quantization(args: argparse.Namespace) -> int:
+    from .quantization import quantization_report
+
+    report = quantization_report(args.checkpoint, args.gguf, args.out, prompt=_prompt(args), device=args.device)
+    print("\n".join(report.lines()))
+    print(f"quantization.json, quantization.html and both traces (original.h5, quantized.h5) written to {args.out}")
+    return 0

@@ -27,6 +27,9 @@ def check_comparable(a: Trace, b: Trace, common: list[str]) -> None:
             f"traces ran different tokens: {a.path} has {len(ta)}, {b.path} has {len(tb)}, "
             f"first difference at position {at}"
         )
+    for name in (n for n in a.names if n != "tokens" and canon.split_batch(n)[1] == "tokens" and n in b):
+        if a[name].tolist() != b[name].tolist():
+            raise HarnessError(f"traces ran different tokens: {name} differs between {a.path} and {b.path}")
     if not common:
         raise HarnessError(f"nothing to compare: {a.path} and {b.path} have no tensor names in common besides 'tokens'")
     for name in common:

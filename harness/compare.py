@@ -300,7 +300,7 @@ def compare_traces(
     positions into text. Each name is streamed a chunk of rows at a time (`accumulate`), then judged (`judge`).
     """
     with load_trace(path_a) as a, load_trace(path_b) as b, _one_thread():
-        common = [n for n in a.names if n in b and n != "tokens"]
+        common = [n for n in a.names if n in b and not _is_tokens(n)]
         check_comparable(a, b, common)
         ref, impl, swapped = oracle_side(a, b)
         use_oracle = rtol is None and atol is None
@@ -310,11 +310,12 @@ def compare_traces(
             check_oracle_dtypes(ref, impl, common)
         results = _judge_names(ref, impl, common, use_oracle=use_oracle, rtol=rtol, atol=atol)
         tokens = _tokens(a, b)
-        only_ref = [n for n in ref.names if n not in impl and n != "tokens"]
-        only_impl = [n for n in impl.names if n not in ref and n != "tokens"]
+        only_ref = [n for n in ref.names if n not in impl and not _is_tokens(n)]
+        only_impl = [n for n in impl.names if n not in ref and not _is_tokens(n)]
+        batch_tokens = {canon.split_batch(n)[0]: a[n].tolist() for n in a.names if _is_tokens(n) and n != "tokens"}
         attrs_ref, attrs_impl = ref.attrs, impl.attrs
         unknown = not_canonical(only_impl + common + only_ref, attrs_ref)
-    token_texts = _name_worst_tokens(results, tokens, token_text)
+    token_texts = _name_worst_tokens(results, tokens, token_text, batch_tokens)
     against = {r.against for r in results}
     failed = [r for r in results if not r.passed]
     nonfinite = [r for r in results if r.nonfinite]
@@ -345,16 +346,27 @@ def _tokens(a: Trace, b: Trace) -> list[int] | None:
     return [int(t) for t in a.attrs["tokens"]] if isinstance(a.attrs.get("tokens"), list) else None
 
 
+def _is_tokens(name: str) -> bool:
+    """`tokens`, or a batch's sequence's `batch.{b}.tokens`: the run's inputs, checked, never judged."""
+    return canon.split_batch(name)[1] == "tokens"
+
+
 def _name_worst_tokens(
-    results: list[NameResult], tokens: list[int] | None, token_text: Callable[[int], str] | None
+    results: list[NameResult],
+    tokens: list[int] | None,
+    token_text: Callable[[int], str] | None,
+    batch_tokens: dict[int, list[int]] | None = None,
 ) -> list[str] | None:
-    """Each token's text, when there are tokens and a tokenizer; each result's worst position named by its token."""
+    """Each token's text, when there are tokens and a tokenizer; each result's worst position named by its token (a
+    batch's sequence's by that sequence's own)."""
     if tokens is None or token_text is None:
         return None
     token_texts = [token_text(t) for t in tokens]
     for r in results:
-        if r.worst_position is not None and r.worst_position < len(token_texts):
-            r.worst_token = token_texts[r.worst_position]
+        sequence = canon.split_batch(r.name)[0]
+        texts = token_texts if sequence is None else [token_text(t) for t in (batch_tokens or {}).get(sequence, [])]
+        if r.worst_position is not None and r.worst_position < len(texts):
+            r.worst_token = texts[r.worst_position]
     return token_texts
 
 

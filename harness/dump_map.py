@@ -198,9 +198,7 @@ def _read_map(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
             return json.loads(text)
-        import tomllib  # Python 3.11+
-
-        return tomllib.loads(text)
+        return toml_module().loads(text)
     except ModuleNotFoundError:
         raise HarnessError(f"{path}: reading TOML needs Python 3.11 (tomllib); write the map as .json") from None
     except OSError as e:
@@ -239,8 +237,17 @@ def _entry(path: Path, key: str, value: Any) -> Entry:
             f"the tensor holds every head)"
         )
     example = name.replace("{layer}", "0").replace("{head}", "0")
-    if example not in set(canon.canonical_names(n_layers=1, n_heads=1)):
+    if example not in {canon.split_step(n)[1] for n in canon.canonical_names(n_layers=1, n_heads=1, steps=0)}:
         raise HarnessError(f"{where}: {name!r} is not a canonical name (README: Canonical names)")
     parts = _SLOT.split(key)  # text, slot, text, slot, ..., text
     pattern = "".join(f"(?P<{p}>\\d+)" if i % 2 else re.escape(p) for i, p in enumerate(parts))
     return Entry(re.compile(pattern), name, steps)
+
+
+def toml_module():
+    """tomllib (Python 3.11+), or tomli, its backport, before (a dependency there)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    return tomllib

@@ -34,3 +34,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def move_into(out: Path, staged: list[Path], previous: tuple[str, ...]) -> list[str]:
+    """Staged files moved into the folder `out` (made if needed), after the files named `previous` there (a previous
+    run's) are removed; returns the names removed."""
+    out.mkdir(exist_ok=True)
+    replaced = [name for name in previous if (out / name).is_file()]
+    for name in replaced:
+        (out / name).unlink()
+    for source in staged:
+        os.replace(source, out / source.name)
+    return replaced

@@ -35,24 +35,30 @@ def trace_generation(
     `tokens` holds every token fed, prompt and decoded [P + N]; `_generated` (an extra, not compared) each step's greedy
     token of this implementation, N + 1 of them.
     """
-    forward = decoder(impl)  # made for this generation: the implementation's own state lives in it and in `cache`
     fed = _teacher_tokens(run, reference)
+    with open_trace(run, impl, out, generate=run.generate):
+        return decode_steps(run, impl, fed)
+
+
+def decode_steps(run: Run, impl: Implementation, fed: list[int] | None) -> torch.Tensor:
+    """The prefill and `run.generate` decode steps of `impl` in the open trace, then `tokens` and `_generated`
+    recorded; decode step s is fed `fed[s - 1]` (None: the implementation's own greedy token). -> logits [P + N, V]."""
+    forward = decoder(impl)  # made for this generation: the implementation's own state lives in it and in `cache`
     cache: dict = {}  # the decode contract's: the implementation's KV cache, the same dict at every step
     all_logits, generated, tokens = [], [], list(run.tokens)
-    with open_trace(run, impl, out, generate=run.generate):
-        for s in range(run.generate + 1):
-            start_pos, n_tokens = step_span(run, s)
-            step_ids = torch.tensor(tokens[start_pos : start_pos + n_tokens], dtype=torch.long)  # [T]
-            with step(s):
-                logits = trace_call(
-                    run, impl.name, forward, step_ids, step=s, must_record=s == 0, start_pos=start_pos, cache=cache
-                )
-            all_logits.append(logits.detach().float().cpu())
-            generated.append(int(logits[-1].float().argmax()))
-            if s < run.generate:
-                tokens.append(fed[s] if fed is not None else generated[-1])
-        record("tokens", torch.tensor(tokens, dtype=torch.long))
-        record(GENERATED, torch.tensor(generated, dtype=torch.long))
+    for s in range(run.generate + 1):
+        start_pos, n_tokens = step_span(run, s)
+        step_ids = torch.tensor(tokens[start_pos : start_pos + n_tokens], dtype=torch.long)  # [T]
+        with step(s):
+            logits = trace_call(
+                run, impl.name, forward, step_ids, step=s, must_record=s == 0, start_pos=start_pos, cache=cache
+            )
+        all_logits.append(logits.detach().float().cpu())
+        generated.append(int(logits[-1].float().argmax()))
+        if s < run.generate:
+            tokens.append(fed[s] if fed is not None else generated[-1])
+    record("tokens", torch.tensor(tokens, dtype=torch.long))
+    record(GENERATED, torch.tensor(generated, dtype=torch.long))
     return torch.cat(all_logits)  # [P + N, V]
 
 
@@ -67,9 +73,11 @@ def _teacher_tokens(run: Run, reference: Trace | None) -> list[int] | None:
     return fed
 
 
-def generated_tokens(trace: Trace) -> list[int]:
-    """Each step's greedy token of the implementation traced (N + 1 of them; empty for a trace without generation)."""
-    return [int(t) for t in trace[GENERATED].tolist()] if GENERATED in trace else []
+def generated_tokens(trace: Trace, sequence: int | None = None) -> list[int]:
+    """Each step's greedy token of the implementation traced (N + 1 of them; empty for a trace without generation);
+    of a batch's `sequence` run alone (`_generated.batch.{b}`)."""
+    name = GENERATED if sequence is None else f"{GENERATED}.batch.{sequence}"
+    return [int(t) for t in trace[name].tolist()] if name in trace else []
 
 
 # ---- cache against no cache ---------------------------------------------------------------------------------------

@@ -78,6 +78,10 @@ def resolve(spec: str | Forward | Implementation, **options: Any) -> Implementat
 
         if is_dump_spec(spec):
             return Implementation(spec, *dump_forward(spec))
+    if spec.startswith("llamacpp:") and not spec.removeprefix("llamacpp:").isidentifier():  # a GGUF (docs/ports.md)
+        from .llamacpp import llamacpp_forward
+
+        return Implementation(spec, *llamacpp_forward(spec))
     if ":" not in spec:
         raise HarnessError(f"--impl {spec}: expected scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
     where, attr = spec.rsplit(":", 1)

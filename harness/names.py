@@ -93,7 +93,8 @@ _HEAD_PARTS = {p.name: p for p in PARTS if p.level == "head"}
 RESERVED_PREFIX = "_"
 ORACLE_PREFIX = RESERVED_PREFIX + "oracle."
 
-_STEP_RE = re.compile(r"^steps\.(\d+)\.(.+)$")
+# A name's scope: the sequence of a batch (`batch.{b}.`, harness/batch.py), then the generation step (`steps.{s}.`).
+_SCOPE_RE = re.compile(r"^(?:batch\.(\d+)\.)?(?:steps\.(\d+)\.)?(.+)$")
 _HEAD_RE = re.compile(r"^layers\.(\d+)\.attention\.heads\.(\d+)\.(\w+)$")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
@@ -122,10 +123,26 @@ def step_name(step: int, name: str) -> str:
 
 
 def split_step(name: str) -> tuple[int | None, str]:
-    """'steps.3.layers.0.q' -> (3, 'layers.0.q'); a name outside generation -> (None, name)."""
-    if m := _STEP_RE.match(name):
-        return int(m[1]), m[2]
-    return None, name
+    """'steps.3.layers.0.q' -> (3, 'layers.0.q'); a name outside generation -> (None, name). A sequence's name in a
+    batch drops its `batch.{b}.` too: 'batch.1.steps.3.layers.0.q' -> (3, 'layers.0.q') (`split_batch` gives b)."""
+    m = _SCOPE_RE.match(name)
+    return (None if m[2] is None else int(m[2])), m[3]
+
+
+def batch_name(sequence: int, name: str) -> str:
+    """A name of sequence `sequence` of a batch (`--prompts`): 'batch.{b}.NAME' (NAME may be a step's)."""
+    return f"batch.{sequence}.{name}"
+
+
+def split_batch(name: str) -> tuple[int | None, str]:
+    """'batch.1.steps.0.norm' -> (1, 'steps.0.norm'); a name outside a batch -> (None, name)."""
+    m = _SCOPE_RE.match(name)
+    return (None, name) if m[1] is None else (int(m[1]), name.split(".", 2)[2])
+
+
+def scope(name: str) -> str:
+    """What a name's base sits in: 'batch.1.steps.2.layers.0.output' -> 'batch.1.steps.2.'; '' outside both."""
+    return name[: len(name) - len(split_step(name)[1])]
 
 
 def is_extra(name: str) -> bool:
@@ -182,17 +199,20 @@ def part(name: str) -> Part | None:
 
 def order_key(name: str) -> tuple:
     """Sort key that puts any names, canonical or extra, in forward order: generation steps step-major (every name of
-    step s before any of step s + 1), after the names outside generation (`tokens`)."""
+    step s before any of step s + 1), after the names outside generation (`tokens`); a batch's sequences in order at
+    each name (the first divergence is the earliest point in the forward, then the first sequence there)."""
     step, base = split_step(name)
     step_key = -1 if step is None else step
+    sequence = split_batch(name)[0]
+    batch_key = -1 if sequence is None else sequence  # a batch's sequences after one another at each name
     layer, head, last = parse(base)
     if layer is None:
         top = _index(_MODEL_ORDER, last) if last != "layers" else len(_MODEL_ORDER)  # the marker is no name
-        return (step_key, top, 0, 0, 0, 0, last)
+        return (step_key, top, 0, 0, 0, 0, last, batch_key)
     top = _MODEL_ORDER.index("layers")
     if head is not None:
-        return (step_key, top, layer, LAYER_NAMES.index("heads"), head, _index(_HEAD_ORDER, last), last)
-    return (step_key, top, layer, _index(LAYER_NAMES, last), 0, 0, last)
+        return (step_key, top, layer, LAYER_NAMES.index("heads"), head, _index(_HEAD_ORDER, last), last, batch_key)
+    return (step_key, top, layer, _index(LAYER_NAMES, last), 0, 0, last, batch_key)
 
 
 def _index(order: tuple[str, ...], name: str) -> int:

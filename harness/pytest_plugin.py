@@ -51,6 +51,11 @@ OPTIONS = {  # option: (environment variable, help)
         "LLAMA3_LAYERS",
         "A:B: test decoder layers A .. B-1 only, isolated (the reference runs from the embeddings to layer B-1)",
     ),
+    "prompts": (
+        "LLAMA3_PROMPTS",
+        "a batch: one prompt per line, or a JSON list; run padded at once, each name tested in every sequence",
+    ),
+    "padding": ("LLAMA3_PADDING", "with --llama3-prompts: left (default) or right"),
 }
 SUITE = Path(__file__).with_name("suite.py")
 NAMING = ("impl", "checkpoint", "golden")  # naming one of these asks for the suite
@@ -257,7 +262,8 @@ def pytest_terminal_summary(terminalreporter, config):
         if not any(case.id in n for n in ran) and not (ran and len(state.cases) == 1):
             continue  # a case none of whose tests ran says nothing
         run = make_run(checkpoint_of(case, state.tiny_root), prompt=state.options.prompt, dtype=case.dtype)
-        line = blind_spots(run.checkpoint.config, case.dtype, len(run.tokens)).line(dtype_flag="--llama3-dtype")
+        spots = blind_spots(run.checkpoint.config, case.dtype, len(run.tokens), case.layer_indices[0])
+        line = spots.line(dtype_flag="--llama3-dtype")
         if line:
             terminalreporter.write_line(f"llama3 harness, {case.id}: {line}")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -36,6 +36,9 @@ class _Recorder:
             return True
         if canon.is_extra(name):
             name = name.split(".", 1)[1]  # an extra is filtered by the name it extends: "_oracle.norm" as "norm"
+        name = canon.split_batch(name)[1]  # a batch's sequence's name by its own: "batch.1.norm" as "norm"
+        if name == "tokens":
+            return True
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
     def record(self, name: str, tensor: torch.Tensor | Rows) -> None:
@@ -44,21 +47,39 @@ class _Recorder:
             self.writer.write(name, tensor, self.check_shape)
 
 
+# A batched run's splitter (harness/batch.py): a recorded [B, ...] tensor -> each sequence's real positions, (b, [...]).
+Split = Callable[[str, torch.Tensor, "int | None"], Iterator[tuple[int, torch.Tensor]]]
+
+
 @dataclass(frozen=True)
 class _Open:
-    """What `record` sees: the open trace, and the generation step its names go in (None: outside generation)."""
+    """What `record` sees: the open trace, the generation step its names go in (None: outside generation), the
+    sequence of a batch run alone (`batch.{b}.`), or, for a batched run, how to split a tensor into its sequences."""
 
     recorder: _Recorder
     step: int | None = None
+    sequence: int | None = None
+    split: Split | None = None
 
-    def name(self, name: str) -> str:
-        """`name` in the step: `steps.{s}.NAME`, an extra `_oracle.NAME` as `_oracle.steps.{s}.NAME`."""
-        if self.step is None:
-            return name
+    def name(self, name: str, sequence: int | None = None) -> str:
+        """`name` in its scope: `batch.{b}.steps.{s}.NAME`; an extra `_oracle.NAME` as `_oracle.batch.{b}.steps...`."""
         if canon.is_extra(name):
             prefix, base = name.split(".", 1)
-            return f"{prefix}.{canon.step_name(self.step, base)}"
-        return canon.step_name(self.step, name)
+            return f"{prefix}.{self.name(base, sequence)}"
+        sequence = self.sequence if sequence is None else sequence
+        if name.startswith(RESERVED_PREFIX):  # a bare extra (`_generated`) of a sequence: `_generated.batch.{b}`
+            return name if sequence is None else f"{name}.batch.{sequence}"
+        name = name if self.step is None else canon.step_name(self.step, name)
+        return name if sequence is None else canon.batch_name(sequence, name)
+
+    def record(self, name: str, tensor: torch.Tensor | Rows) -> None:
+        if self.split is None:
+            self.recorder.record(self.name(name), tensor)
+            return
+        if isinstance(tensor, Rows):
+            raise HarnessError(f"record({name!r}): a batched run records whole tensors [B, ...], not Rows")
+        for sequence, part in self.split(name, tensor, self.step):
+            self.recorder.record(self.name(name, sequence), part)
 
 
 _open: ContextVar[_Open | None] = ContextVar("harness_open_trace", default=None)
@@ -69,7 +90,7 @@ def record(name: str, tensor: torch.Tensor | Rows) -> None:
 
     `tensor` may be `Rows`: the rows a trace keeps of a long [T, T] tensor computed by blocks, never held whole."""
     if (current := _open.get()) is not None:
-        current.recorder.record(current.name(name), tensor)
+        current.record(name, tensor)
 
 
 def is_tracing() -> bool:
@@ -79,7 +100,7 @@ def is_tracing() -> bool:
 def recorded(name: str) -> bool:
     """Whether the open trace holds `name` already (in the current step, inside `step`)."""
     current = _open.get()
-    return current is not None and current.name(name) in current.recorder.writer
+    return current is not None and current.name(name, 0 if current.split else None) in current.recorder.writer
 
 
 def record_calls() -> int:
@@ -141,6 +162,20 @@ def step(index: int) -> Iterator[None]:
     if current.step is not None:
         raise HarnessError(f"harness.step({index}) inside harness.step({current.step}): generation steps do not nest")
     token = _open.set(replace(current, step=index))
+    try:
+        yield
+    finally:
+        _open.reset(token)
+
+
+@contextmanager
+def scoped(*, sequence: int | None = None, split: Split | None = None) -> Iterator[None]:
+    """Inside the open trace: every name recorded as sequence `sequence` of a batch (`batch.{b}.NAME`: the reference's
+    truth, each sequence run alone), or (`split`) each batched [B, ...] tensor split into its sequences' names."""
+    current = _open.get()
+    if current is None:
+        raise HarnessError("recording.scoped: no trace is open")
+    token = _open.set(replace(current, sequence=sequence, split=split))
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ The Hugging Face reference, the scratch forward and a user's code are three impl
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any
 import torch
 
 from . import names as canon
+from .batch import PADDINGS, Batch
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import HarnessError
+from .gguf_weights import GGUFCheckpoint, open_gguf_weights
 from .implementation import Forward, Implementation, builtin
 from .isolation import LayerRange, RangeEnd, isolated, layers_judged
 from .recording import record, record_calls, recorded, tracing
@@ -120,6 +123,7 @@ class Run:
     text: Callable[[int], str] = repr  # token id -> text, from the tokenizer loaded once for the run
     generate: int = 0  # decode steps after the prefill (harness/generation.py); 0: one forward over the prompt
     layers: LayerRange | None = None  # --layers A:B: only those decoder layers recorded (and, isolated, judged)
+    batch: Batch | None = None  # --prompts: every sequence (`tokens` is the first's), padded (harness/batch.py)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -136,8 +140,12 @@ def make_run(
     isolated: bool = False,
     generate: int = 0,
     layers: str | tuple[int, int] | None = None,
+    prompts: Sequence[str] | None = None,
+    padding: str = "left",
+    weights_from: str | Path | None = None,
 ) -> Run:
-    """Check every input before any work (errors come first) and load the tokenizer once. `layers`: "A:B" or (A, B)."""
+    """Check every input before any work (errors come first) and load the tokenizer once. `layers`: "A:B" or (A, B).
+    `prompts` (`--prompts`): a batch of them, padded on the `padding` side (harness/batch.py); `prompt` is unused."""
     parse_dtype(dtype)
     check_device(device)
     if not isinstance(generate, int) or generate < 0:
@@ -148,17 +156,31 @@ def make_run(
         raise HarnessError("--isolated with --generate: isolated mode covers one forward pass, not generation steps")
     if layers is not None and names:
         raise HarnessError("--layers with --names: a range records its layers' names; give one of the two")
+    if prompts is not None and (isolated or layers is not None):
+        raise HarnessError("--prompts with --isolated or --layers: a batch is judged end to end; run them without it")
+    if padding not in PADDINGS:
+        raise HarnessError(f"--padding {padding}: expected left or right")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    if weights_from is not None:  # --weights-from MODEL.gguf: every side on its dequantized weights (docs/quantized.md)
+        ckpt = open_gguf_weights(weights_from, ckpt)
     judged = None if layers is None else parse_layers(layers, ckpt.config.n_layers)
     enc = _tokenizer(ckpt)
-    tokens = prompt_tokens(ckpt, prompt, enc)
-    if len(tokens) + generate > ckpt.config.max_seq_len:
+    batch = None
+    if prompts is not None:
+        if not prompts:
+            raise HarnessError("--prompts: no prompts given")
+        sequences = tuple(tuple(prompt_tokens(ckpt, p, enc)) for p in prompts)
+        batch = Batch(sequences, padding, pad_id=enc.encode_single_token("<|end_of_text|>"))
+        prompt = prompts[0]
+    tokens = list(batch.sequences[0]) if batch else prompt_tokens(ckpt, prompt, enc)
+    longest = batch.width if batch else len(tokens)
+    if longest + generate > ckpt.config.max_seq_len:
         raise HarnessError(
-            f"{ckpt.path}: prompt of {len(tokens)} tokens plus --generate {generate} is longer than the "
+            f"{ckpt.path}: prompt of {longest} tokens plus --generate {generate} is longer than the "
             f"model's context of {ckpt.config.max_seq_len}"
         )
     names = tuple(names) if names else None
-    return Run(ckpt, prompt, tokens, dtype, device, names, isolated, _text(enc), generate, judged)
+    return Run(ckpt, prompt, tokens, dtype, device, names, isolated, _text(enc), generate, judged, batch)
 
 
 def parse_layers(layers: str | tuple[int, int], n_layers: int) -> LayerRange:
@@ -185,8 +207,14 @@ def trace_metadata(run: Run, implementation: str, **extra: Any) -> dict[str, Any
         checkpoint=run.checkpoint,
         isolated=run.isolated,
         **({"layers": [run.layers.start, run.layers.stop]} if run.layers else {}),
+        **(_batch_metadata(run.batch) if run.batch else {}),
+        **(run.checkpoint.metadata() if isinstance(run.checkpoint, GGUFCheckpoint) else {}),
         **extra,
     )
+
+
+def _batch_metadata(batch: Batch) -> dict[str, Any]:
+    return dict(batch=json.dumps([list(ids) for ids in batch.sequences]), padding=batch.padding, pad_id=batch.pad_id)
 
 
 def step_span(run: Run, step: int) -> tuple[int, int]:
@@ -196,12 +224,16 @@ def step_span(run: Run, step: int) -> tuple[int, int]:
 
 def expected_shape(run: Run, name: str) -> tuple[int, ...] | None:
     """The shape a canonical name must have in this run (None for names that are not canonical)."""
-    step, _ = canon.split_step(name)
-    if step is not None and step > run.generate:
+    sequence, unbatched = canon.split_batch(name)
+    step, base = canon.split_step(name)
+    if step is not None and step > run.generate or (sequence is not None) != (run.batch is not None):
         return None
-    n_tokens = len(run.tokens) + (run.generate if name == "tokens" else 0)
-    start_pos, n_tokens = step_span(run, step) if step is not None else (0, n_tokens)
-    return canon.shape_of(name, run.checkpoint.config, n_tokens, start_pos)
+    if sequence is not None and sequence >= run.batch.size:
+        return None
+    prompt = run.batch.sequences[sequence] if sequence is not None else run.tokens
+    n_tokens = len(prompt) + (run.generate if base == "tokens" else 0)
+    start_pos, n_tokens = canon.step_span(len(prompt), step) if step is not None else (0, n_tokens)
+    return canon.shape_of(unbatched, run.checkpoint.config, n_tokens, start_pos) if base != "tokens" else (n_tokens,)
 
 
 # ---- tracing a run ------------------------------------------------------------------------------------------------
@@ -243,6 +275,8 @@ def trace(run: Run, impl: Implementation, out: str | Path, *, reference: Trace |
     A generation (`run.generate`) is harness/generation.py's `trace_generation`."""
     if run.generate:
         raise HarnessError(f"trace: run.generate is {run.generate}: harness.generation.trace_generation traces it")
+    if run.batch is not None:
+        raise HarnessError("trace: run.batch is a padded batch: harness.batch_run.trace_batched traces it")
     isolation = None
     if run.isolated:
         if reference is None:
@@ -295,12 +329,13 @@ def _call(run: Run, name: str, forward: Forward, tokens: torch.Tensor, step: int
         raise HarnessError(
             f"{name} raised {type(e).__name__}{where}: {e} (rerun with --debug for the traceback)"
         ) from e
-    want = (len(tokens), run.checkpoint.config.vocab_size)
+    want = (*tokens.shape, run.checkpoint.config.vocab_size)  # [T, V], or [B, T, V] for a batch
     if logits is None and run.layers is not None and run.layers.stop < run.layers.n_layers:
         return None  # the range ended before the logits (the implementation's own way of stopping)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
         got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         what, axes = ("", "[T, vocab]") if step is None else (f" step {step}", "[T, vocab], T = the step's new tokens")
+        axes = axes.replace("[T", "[B, T") if tokens.dim() == 2 else axes
         raise HarnessError(f"{name}:{what} returned logits {got}, expected a tensor of shape {list(want)} ({axes})")
     return logits
 

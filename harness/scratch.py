@@ -72,31 +72,56 @@ def step_mask(n_tokens: int, start_pos: int, dtype: torch.dtype, device: torch.d
     return torch.hstack([cached, causal_mask(n_tokens, dtype, device)])  # [T, start_pos + T]
 
 
+def batch_positions(attention_mask: torch.Tensor, start_pos: int, n_tokens: int) -> torch.Tensor:
+    """A padded batch's positions: each sequence counts only its real tokens (a left-padded one starts at 0 where its
+    prompt starts). attention_mask [B, K] -> the step's positions [B, T]."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, K]
+    return positions[:, start_pos : start_pos + n_tokens]  # [B, T]
+
+
+def batch_freqs_cis(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """freqs_cis at each sequence's own positions. [B, T] -> [B, T, hd/2] complex."""
+    table = rope_freqs_cis(config, int(positions.max()) + 1, dtype, device)  # [P, hd/2]
+    return table[positions.to(table.device)]  # [B, T, hd/2]
+
+
+def padding_mask(attention_mask: torch.Tensor, start_pos: int, n_tokens: int, dtype: torch.dtype, device):
+    """The step's causal mask with every pad key masked too; a pad query still sees itself, so that no row is all
+    -inf (its softmax would be NaN, and NaN times a masked 0 is NaN). attention_mask [B, K] -> [B, T, K]."""
+    n_keys = start_pos + n_tokens
+    causal = step_mask(n_tokens, start_pos, dtype, device)  # [T, K]
+    pad_key = attention_mask[:, None, :n_keys].to(device) == 0  # [B, 1, K]
+    own = torch.arange(n_keys, device=device)[None, :] == torch.arange(start_pos, n_keys, device=device)[:, None]
+    return torch.where(pad_key & ~own, float("-inf"), causal)  # [B, T, K]
+
+
 def new_keys_values(
     x_norm: torch.Tensor, weights: dict[str, torch.Tensor], config: ModelConfig, freqs_cis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This step's keys (rotated, float32 as the notebook's k_rotated) and values of every KV head, for the cache."""
-    T, hd = x_norm.shape[0], config.head_dim
-    k = (x_norm @ weights["attention.wk"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)  # [KV, T, hd]
-    v = (x_norm @ weights["attention.wv"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)  # [KV, T, hd]
-    return rotate(k, freqs_cis), v  # [KV, T, hd] float32, [KV, T, hd]
+    """This step's keys (rotated, float32 as the notebook's k_rotated) and values of every KV head, for the cache.
+    ([B,] T, D) -> ([B,] KV, T, hd) each."""
+    heads = (config.n_kv_heads, config.head_dim)
+    k = (x_norm @ weights["attention.wk"].T).unflatten(-1, heads).transpose(-3, -2)  # [KV, T, hd]
+    v = (x_norm @ weights["attention.wv"].T).unflatten(-1, heads).transpose(-3, -2)  # [KV, T, hd]
+    return rotate(k, freqs_cis.unsqueeze(-3)), v  # [KV, T, hd] float32, [KV, T, hd]
 
 
 def append_to_cache(
     cache: dict, layer: int, keys: torch.Tensor, values: torch.Tensor, start_pos: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Meta's KV cache as plain tensors: `cache["layers.{l}.k"]` holds the rotated keys of positions 0 .. start_pos - 1,
-    [KV, start_pos, hd]; the step's T keys (and values) go after them. -> every key and value so far [KV, K, hd]."""
+    [KV, start_pos, hd] ([B, KV, start_pos, hd] in a batch); the step's T keys (and values) go after them. -> every
+    key and value so far [KV, K, hd]."""
     k_name, v_name = f"layers.{layer}.k", f"layers.{layer}.v"
-    past_k = cache.get(k_name, keys[:, :0])[:, :start_pos]  # [KV, start_pos, hd]
-    past_v = cache.get(v_name, values[:, :0])[:, :start_pos]  # [KV, start_pos, hd]
-    cache[k_name] = torch.cat([past_k, keys], dim=1)  # [KV, start_pos + T, hd]
-    cache[v_name] = torch.cat([past_v, values], dim=1)  # [KV, start_pos + T, hd]
+    past_k = cache.get(k_name, keys[..., :0, :])[..., :start_pos, :]  # [KV, start_pos, hd]
+    past_v = cache.get(v_name, values[..., :0, :])[..., :start_pos, :]  # [KV, start_pos, hd]
+    cache[k_name] = torch.cat([past_k, keys], dim=-2)  # [KV, start_pos + T, hd]
+    cache[v_name] = torch.cat([past_v, values], dim=-2)  # [KV, start_pos + T, hd]
     return cache[k_name], cache[v_name]
 
 
 def softmax(masked_scores: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.softmax(masked_scores, dim=1)  # over keys, per query row
+    return torch.nn.functional.softmax(masked_scores, dim=-1)  # over keys, per query row
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -134,12 +159,12 @@ def attention(
         q_rotated = rotate(q, freqs_cis)  # [T, hd] float32
         k_rotated = rotate(k, freqs_cis)  # [T, hd] float32
         keys, values = (
-            (k_rotated, v) if cache is None else (cache_k[kv], cache_v[kv])
+            (k_rotated, v) if cache is None else (cache_k.select(-3, kv), cache_v.select(-3, kv))
         )  # [K, hd]: what this head attends
         if cache is not None:  # recorded before use: a cache of the wrong length is named here, not in a failing matmul
             record(f"layers.{layer}.attention.heads.{head}.cache_k", keys)
             record(f"layers.{layer}.attention.heads.{head}.cache_v", values)
-        scores = (q_rotated @ keys.T) / score_scale(config)  # [T, K] float32
+        scores = (q_rotated @ keys.transpose(-2, -1)) / score_scale(config)  # [T, K] float32
         probs = softmax(scores + mask).to(x_norm.dtype)  # [T, K]
         output = probs @ values  # [T, hd]
         if is_tracing():  # the names cost more than the no-op record calls: build them only when tracing
@@ -167,29 +192,30 @@ def attention_all_heads(
 
     Agrees with the per-head loop within float32 rounding (tests/test_scratch.py). [T, D] -> [T, D].
     """
-    T, hd = x_norm.shape[0], config.head_dim
-    kv = [kv_head_of(head, config) for head in range(config.n_heads)]  # [H]: the KV head of each query head
-    q = (x_norm @ weights["attention.wq"].T).view(T, config.n_heads, hd).transpose(0, 1)  # [H, T, hd]
-    k = (x_norm @ weights["attention.wk"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)[kv]  # [H, T, hd]
-    v = (x_norm @ weights["attention.wv"].T).view(T, config.n_kv_heads, hd).transpose(0, 1)[kv]  # [H, T, hd]
-    q_rotated = rotate(q, freqs_cis)  # [H, T, hd] float32
-    k_rotated = rotate(k, freqs_cis)  # [H, T, hd] float32
+    hd = config.head_dim
+    kv = torch.tensor([kv_head_of(head, config) for head in range(config.n_heads)])  # [H]: each query head's KV head
+    q = (x_norm @ weights["attention.wq"].T).unflatten(-1, (config.n_heads, hd)).transpose(-3, -2)  # [H, T, hd]
+    k = (x_norm @ weights["attention.wk"].T).unflatten(-1, (config.n_kv_heads, hd)).transpose(-3, -2)  # [KV, T, hd]
+    v = (x_norm @ weights["attention.wv"].T).unflatten(-1, (config.n_kv_heads, hd)).transpose(-3, -2)  # [KV, T, hd]
+    k, v = k.index_select(-3, kv), v.index_select(-3, kv)  # [H, T, hd]
+    q_rotated = rotate(q, freqs_cis.unsqueeze(-3))  # [H, T, hd] float32
+    k_rotated = rotate(k, freqs_cis.unsqueeze(-3))  # [H, T, hd] float32
     keys, values = k_rotated, v  # [H, K, hd]
     if cache is not None:  # generation: attend over the cache, this step's keys and values appended
         cache_k, cache_v = append_to_cache(
             cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos
         )
-        keys, values = cache_k[kv], cache_v[kv]  # [H, K, hd]
-    scores = (q_rotated @ keys.transpose(1, 2)) / score_scale(config)  # [H, T, K] float32
-    probs = torch.nn.functional.softmax(scores + mask, dim=-1).to(x_norm.dtype)  # [H, T, K], over keys
+        keys, values = cache_k.index_select(-3, kv), cache_v.index_select(-3, kv)  # [H, K, hd]
+    scores = (q_rotated @ keys.transpose(-2, -1)) / score_scale(config)  # [H, T, K] float32
+    probs = torch.nn.functional.softmax(scores + mask.unsqueeze(-3), dim=-1).to(x_norm.dtype)  # [H, T, K], over keys
     output = probs @ values  # [H, T, hd]
     if is_tracing():
         taps = dict(q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, scores=scores, probs=probs, output=output)
         taps.update(cache_k=keys, cache_v=values)  # [H, K, hd]: recorded in a generation step only
         for head in range(config.n_heads):
             for part in head_parts(in_step=cache is not None):
-                record(head_name(layer, head, part), taps[part][head])
-    stacked = output.transpose(0, 1).reshape(T, -1)  # [T, H * hd]
+                record(head_name(layer, head, part), taps[part].select(-3, head))
+    stacked = output.transpose(-3, -2).flatten(-2)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
 
 
@@ -259,6 +285,7 @@ def forward(
     vectorized: bool = False,
     start_pos: int = 0,
     cache: dict | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tokens [T] -> logits [T, V], recording every canonical name (the harness records `tokens`).
 
@@ -267,12 +294,20 @@ def forward(
     so a bug is found in its own layer instead of drowned in drift; otherwise it is `x` itself.
     Generation (Meta's): `tokens` sit at positions start_pos .. start_pos + T - 1 and attend over a KV `cache` (a dict,
     empty for the prefill at start_pos 0, the same dict at every later step), which this call extends.
+    A padded batch (`attention_mask` [B, K], 1 for a real token): tokens [B, T] -> logits [B, T, V], every tensor with
+    a leading batch axis, each sequence at its own positions, pad keys masked (harness/batch.py).
     """
     config = checkpoint.config
-    tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [T]
-    x = checkpoint.take("tok_embeddings.weight", tokens).to(device=device, dtype=dtype)  # [T, D], the tokens' rows
+    tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [T], or [B, T]
+    ids = tokens.flatten()  # [T] or [B * T]
+    x = checkpoint.take("tok_embeddings.weight", ids).view(*tokens.shape, -1).to(device=device, dtype=dtype)  # [T, D]
     record("embeddings", x)
-    if cache is None:
+    n_tokens = tokens.shape[-1]
+    if attention_mask is not None:  # a padded batch: positions and mask per sequence
+        freqs_cis = batch_freqs_cis(config, batch_positions(attention_mask, start_pos, n_tokens), dtype, device)
+        mask = padding_mask(attention_mask, start_pos, n_tokens, upcast(dtype), device)  # [B, T, K]
+        kv_cache = {} if cache is None else {"cache": cache, "start_pos": start_pos}
+    elif cache is None:
         freqs_cis = rope_freqs_cis(config, tokens.shape[0], dtype, device)  # [T, hd/2]
         mask = causal_mask(tokens.shape[0], upcast(dtype), device)  # [T, T]
         kv_cache = {}

@@ -330,20 +330,17 @@ def accumulate(
 
 def group_of(name: str) -> str:
     """Names whose floors are pooled: a per-head name with the same name of its layer's other heads, in the same
-    generation step (a prefill's floors say nothing of a decode step's)."""
-    step, base = canon.split_step(name)
-    layer, head, part = canon.parse(base)
+    generation step (a prefill's floors say nothing of a decode step's) of the same sequence of a batch."""
+    layer, head, part = canon.parse(name)
     if head is None:
         return name
-    return ("" if step is None else f"steps.{step}.") + f"layers.{layer}.attention.heads.*.{part}"
+    return canon.scope(name) + f"layers.{layer}.attention.heads.*.{part}"
 
 
 def _heads_sibling(name: str, part: str) -> str:
     """The same head's `part` in the same step: 'steps.2.layers.0.attention.heads.3.probs', 'v' -> '...heads.3.v'."""
-    step, base = canon.split_step(name)
-    layer, head, _ = canon.parse(base)
-    sibling = canon.head_name(layer, head, part)
-    return sibling if step is None else canon.step_name(step, sibling)
+    layer, head, _ = canon.parse(name)
+    return canon.scope(name) + canon.head_name(layer, head, part)
 
 
 def group_floors(ref: Trace, stats: dict[str, NameStats]) -> dict[str, Floor]:

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from harness.names import head_name, layer_name, split_step, step_name
+from harness.names import batch_name, head_name, layer_name, split_step, step_name
 
 
 def _fmt(x) -> str:
@@ -22,10 +22,22 @@ def _fmt(x) -> str:
 
 def check(verified, case, name: str) -> None:
     """Assert `name` passed; the failure says by how much, where in the sequence, and where the trace first diverged.
-    A name the implementation does not record (fused attention has no scores or probs) is skipped, naming it."""
+    A name the implementation does not record (fused attention has no scores or probs) is skipped, naming it. In a
+    batch (`--llama3-prompts`) the name of every sequence, `batch.{b}.NAME`."""
     run = verified(case)
     if run.error:
         pytest.fail(f"{case.impl} ({case.id}): {run.error}", pytrace=False)
+    for each in sequences_of(run, name):
+        _check_one(run, case, each)
+
+
+def sequences_of(run, name: str) -> list[str]:
+    """`name`, or in a batch each sequence's `batch.{b}.NAME`."""
+    batch = run.summary.get("batch")
+    return [name] if not batch else [batch_name(s["sequence"], name) for s in batch]
+
+
+def _check_one(run, case, name: str) -> None:
     r = run.result(name)
     if r is None:
         _not_compared(run, case, name)
@@ -128,12 +140,13 @@ def test_logits(verified, case):
             check(verified, case, _in_step(step, "logits"))
         return
     check(verified, case, "logits")
-    metrics = verified(case).result("logits")["logits"]
-    assert metrics is not None, "no logits metrics in comparison.json"
-    disagree = [i for i, same in enumerate(metrics["top1"]) if not same]
-    assert not disagree or case.dtype != "float32", f"top-1 differs at positions {disagree} in float32"
-    assert metrics["top1_rate"] >= 0.8, f"top-1 agreement {metrics['top1_rate']:.0%} (positions {disagree})"
-    assert math.isfinite(metrics["kl_max"])
+    for name in sequences_of(verified(case), "logits"):
+        metrics = verified(case).result(name)["logits"]
+        assert metrics is not None, f"no {name} metrics in comparison.json"
+        disagree = [i for i, same in enumerate(metrics["top1"]) if not same]
+        assert not disagree or case.dtype != "float32", f"{name}: top-1 differs at positions {disagree} in float32"
+        assert metrics["top1_rate"] >= 0.8, f"{name}: top-1 agreement {metrics['top1_rate']:.0%} ({disagree})"
+        assert math.isfinite(metrics["kl_max"])
 
 
 def test_next_token(verified, case):
@@ -143,6 +156,12 @@ def test_next_token(verified, case):
     if case.golden:
         pytest.skip(f"against the golden set {case.golden} the logits are judged by their bound (test_logits)")
     s = verified(case).summary
+    if s.get("batch"):  # each sequence's next token, from the batched logits at its last real token
+        if case.generate:
+            pytest.skip("a batch's decode steps are judged name by name (no cache against no-cache check for batches)")
+        apart = [b for b in s["batch"] if b["next_token_reference"] != b["next_token_implementation"]]
+        assert not apart, f"next token differs in sequences {[b['sequence'] for b in apart]}"
+        return
     if not case.generate:
         assert s["reference_token"] == s["impl_token"], (
             f"next token: reference {s['reference_text']!r} (id {s['reference_token']}), "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
+from .batch import read_prompts
 from .errors import HarnessError
 from .files import atomic_path
 from .run import DEFAULT_PROMPT, make_run, parse_dtype, parse_layers, read_prompt_file
@@ -22,7 +23,16 @@ from .trace_file import load_trace
 if TYPE_CHECKING:
     from .golden_set import GoldenSet
 
-GOLDEN_FIXES = ("dtype", "prompt", "prompt_file", "isolated", "generate", "layers")  # a golden set's own, not options
+GOLDEN_FIXES = (
+    "dtype",
+    "prompt",
+    "prompt_file",
+    "isolated",
+    "generate",
+    "layers",
+    "prompts",
+    "padding",
+)  # a golden set's own, not options
 
 
 @dataclass(frozen=True)
@@ -38,12 +48,18 @@ class SuiteOptions:
     generate: int = 0  # decode steps after the prefill (--llama3-generate)
     golden: GoldenSet | None = None  # --llama3-golden: the set read (harness/golden_set.py); no reference run
     layers: str | None = None  # --llama3-layers A:B: those decoder layers only, isolated
+    prompts: tuple[str, ...] | None = None  # --llama3-prompts FILE: a padded batch (harness/batch.py)
+    padding: str = "left"  # --llama3-padding
 
 
 def read_options(value: Callable[[str], Any]) -> SuiteOptions:
     """`value(name)` -> the option's string (True for `isolated`), or None when not given."""
     if value("prompt") is not None and value("prompt_file") is not None:
         raise HarnessError("--llama3-prompt and --llama3-prompt-file are exclusive: give one")
+    if value("prompts") is not None and (value("prompt") is not None or value("prompt_file") is not None):
+        raise HarnessError("--llama3-prompts with --llama3-prompt(-file): give a batch or one prompt")
+    if value("padding") not in (None, "left", "right"):
+        raise HarnessError(f"--llama3-padding {value('padding')}: expected left or right")
     golden = None
     if value("golden") is not None:
         fixed = [f"--llama3-{n.replace('_', '-')}" for n in GOLDEN_FIXES if value(n) is not None]
@@ -68,6 +84,8 @@ def read_options(value: Callable[[str], Any]) -> SuiteOptions:
         generate=_generate(value("generate")),
         golden=golden,
         layers=value("layers"),
+        prompts=tuple(read_prompts(value("prompts"))) if value("prompts") else None,
+        padding=value("padding") or "left",
     )
 
 
@@ -182,6 +200,8 @@ def check_inputs(options: SuiteOptions, cases: list[Case], tiny_root: Path | Non
                 dtype=case.dtype,
                 isolated=options.isolated,
                 generate=options.generate,
+                prompts=options.prompts,
+                padding=options.padding,
             )
             checked.add(checkpoint)
 
@@ -257,8 +277,11 @@ def _run(case: Case, options: SuiteOptions, out: Path, tiny_root: Path) -> dict:
         impl=case.impl,
         generate=case.generate,
         layers=case.layers,
+        prompts=options.prompts,
+        padding=options.padding,
     )
     return dict(
+        batch=result.batch,
         impl=case.impl,
         trace=str(result.trace_path),
         reference_token=result.reference_token,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from .blind_spots import BlindSpots, blind_spots
 from .compare import Comparison, compare_traces
 from .errors import HarnessError
-from .files import atomic_path
+from .files import atomic_path, move_into
 from .generation import cache_vs_no_cache, generated_tokens, step_summary, trace_generation, unexplained_disagreements
 from .implementation import Forward, Implementation, builtin, resolve
 from .progress import phase, quiet_transformers
@@ -48,6 +47,8 @@ class VerifyResult:
     unexplained: list[str] = field(default_factory=list)  # steps whose greedy tokens differ beyond rounding
     replaced: list[str] = field(default_factory=list)  # a previous verify's files removed from `out` first
     blind_spots: BlindSpots | None = None  # the RoPE-scaling bugs this dtype and prompt length cannot see
+    batch: list[dict[str, Any]] | None = None  # --prompts: per-sequence summaries (harness/batch_verify.py)
+    batch_lines: list[str] = field(default_factory=list)  # what verify prints of a batch
 
     @property
     def cache_passed(self) -> bool:
@@ -78,6 +79,7 @@ VERIFY_FILES = (
     "reference.h5",
     *(trace_file(side, suffix) for side in ("scratch", "other") for suffix in ("", "-nocache")),
     "comparison.json",
+    "reference-batched.h5",
     *REPORT_FILES,
 )
 
@@ -95,6 +97,9 @@ def verify(
     vectorized: bool = False,
     generate: int = 0,
     layers: str | tuple[int, int] | None = None,
+    prompts: list[str] | None = None,
+    padding: str = "left",
+    weights_from: str | Path | None = None,
 ) -> VerifyResult:
     """Trace both sides into `out` (reference.h5, and scratch.h5 or implementation.h5), compare, write
     comparison.json and report.html. Every input is checked before any work. With `generate`, also the
@@ -106,20 +111,17 @@ def verify(
     if vectorized and impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
     implementation = resolve(impl, vectorized=vectorized, progress=progress)
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise HarnessError(f"{out}: parent folder {out.parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise HarnessError(f"{out}: exists and is not a folder")
+    out = _out_folder(out)
     isolated = isolated or layers is not None  # a range is judged isolated: each layer on the reference's input
-    run = make_run(
-        checkpoint, prompt=prompt, dtype=dtype, device=device, isolated=isolated, generate=generate, layers=layers
-    )
+    given = dict(prompt=prompt, dtype=dtype, device=device, isolated=isolated, generate=generate, layers=layers)
+    run = make_run(checkpoint, weights_from=weights_from, prompts=prompts, padding=padding, **given)
+    if run.batch is not None:  # --prompts: a padded batch against each sequence alone
+        return _batch_result(run, implementation, out, progress)
     with quiet_transformers():
         paths, ref_logits, impl_logits, replaced = _trace_both(run, implementation, out, progress)
     with phase("compare", enabled=progress):
         comparison = compare_traces(paths[0], paths[1], token_text=run.text)
-    spots = blind_spots(run.checkpoint.config, run.dtype, len(run.tokens))  # harness/blind_spots.py
+    spots = blind_spots(run.checkpoint.config, run.dtype, len(run.tokens), run.layers.start if run.layers else 0)
     with phase("report", enabled=progress):
         if generate:
             result = _generation_result(run, implementation.name, comparison, out, paths, spots)
@@ -127,6 +129,40 @@ def verify(
             result = _one_pass_result(
                 run, implementation.name, comparison, out, paths[1], ref_logits, impl_logits, spots
             )
+    result.replaced = replaced
+    return result
+
+
+def _out_folder(out: str | Path) -> Path:
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise HarnessError(f"{out}: parent folder {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise HarnessError(f"{out}: exists and is not a folder")
+    return out
+
+
+def _batch_result(run: Run, implementation: Implementation, out: Path, progress: bool) -> VerifyResult:
+    from .batch_verify import batch_lines, verify_batch
+
+    with quiet_transformers():
+        comparison, sequences, checked, replaced = verify_batch(
+            run, implementation, out, progress, trace_file(implementation.name), VERIFY_FILES
+        )
+    first = sequences[0]
+    text = lambda token: None if token is None else run.text(token)  # noqa: E731
+    result = VerifyResult(
+        comparison,
+        out,
+        implementation.name,
+        out / trace_file(implementation.name),
+        first["next_token_reference"],
+        first["next_token_implementation"],
+        text(first["next_token_reference"]),
+        text(first["next_token_implementation"]),
+        batch=sequences,
+        batch_lines=batch_lines(run, implementation.name, sequences, checked),
+    )
     result.replaced = replaced
     return result
 
@@ -150,12 +186,7 @@ def _trace_both(
         if run.generate:  # the same implementation, no cache, over the prompt and the decoded tokens
             with phase(f"{implementation.name} without its cache", enabled=progress):
                 trace(dataclasses.replace(run, tokens=fed, generate=0), implementation, staged[2])
-        out.mkdir(exist_ok=True)
-        replaced = [name for name in VERIFY_FILES if (out / name).is_file()]
-        for name in replaced:
-            (out / name).unlink()
-        for source in staged:
-            os.replace(source, out / source.name)
+        replaced = move_into(out, staged, VERIFY_FILES)
     return [out / name for name in names], ref_logits, impl_logits, replaced
 
 

@@ -384,3 +384,99 @@ LONG_CONTEXT = [
         _frequencies(lambda c: dataclasses.replace(c, rope_theta=10000.0)),
     ),
 ]
+
+
+# ---- BATCH: padded batches (harness/batch.py), on tiny 3.0, sequence 0 the shortest (tests/test_batch.py) ------------
+
+
+def _positions_from_columns(decode_only: bool):
+    """scratch.batch_positions counting the padded columns, not each sequence's real tokens (always, or in decode steps
+    only)."""
+
+    def make(original, config):
+        def positions(attention_mask, start_pos, n_tokens):
+            if decode_only and start_pos == 0:
+                return original(attention_mask, start_pos, n_tokens)
+            columns = torch.arange(start_pos, start_pos + n_tokens)  # bug: the column index is the position
+            return columns.expand(attention_mask.shape[0], n_tokens)  # [B, T]
+
+        return positions
+
+    return make
+
+
+def _causal_only(in_decode_only: bool):
+    """scratch.padding_mask without the padding: pad keys attended (always, or in decode steps only)."""
+
+    def make(original, config):
+        def mask(attention_mask, start_pos, n_tokens, dtype, device):
+            if in_decode_only and start_pos == 0:
+                return original(attention_mask, start_pos, n_tokens, dtype, device)
+            causal = scratch.step_mask(n_tokens, start_pos, dtype, device)  # [T, K]; bug: no pad key masked
+            return causal.expand(attention_mask.shape[0], n_tokens, start_pos + n_tokens)
+
+        return mask
+
+    return make
+
+
+def _mask_on_queries(original, config):
+    """scratch.padding_mask applied to the padded queries' rows instead of the pad keys' columns."""
+
+    def mask(attention_mask, start_pos, n_tokens, dtype, device):
+        n_keys = start_pos + n_tokens
+        causal = scratch.step_mask(n_tokens, start_pos, dtype, device)  # [T, K]
+        pad_query = attention_mask[:, start_pos:n_keys, None] == 0  # [B, T, 1]; bug: the query axis
+        own = torch.arange(n_keys)[None, :] == torch.arange(start_pos, n_keys)[:, None]  # [T, K]
+        return torch.where(pad_query & ~own, float("-inf"), causal)  # [B, T, K]
+
+    return mask
+
+
+@dataclass(frozen=True)
+class BatchMutant(Mutant):
+    padding: str = "left"
+    generate: int = 0
+
+
+BATCH = [
+    BatchMutant(
+        "left-positions-not-offset",
+        "left padding: RoPE positions counted from the padded column, not from each sequence's first real token",
+        f"batch.0.{HEAD0}.q_rotated",
+        "batch_positions",
+        _positions_from_columns(decode_only=False),
+    ),
+    BatchMutant(
+        "pad-keys-attended",
+        "the padding mask dropped: every query attends to the pad keys before it",
+        f"batch.0.{HEAD0}.probs",
+        "padding_mask",
+        _causal_only(in_decode_only=False),
+    ),
+    BatchMutant(
+        "mask-on-queries",
+        "the padding mask applied to the pad queries' rows instead of the pad keys' columns",
+        f"batch.0.{HEAD0}.probs",
+        "padding_mask",
+        _mask_on_queries,
+    ),
+    BatchMutant(
+        "decode-mask-ignored",
+        "the padding mask ignored in a decode step: the new token attends to the pads",
+        f"batch.0.steps.1.{HEAD0}.probs",
+        "padding_mask",
+        _causal_only(in_decode_only=True),
+        generate=1,
+    ),
+    BatchMutant(
+        "right-decode-from-last-column",
+        "right padding: a decoded token placed after the last column (the padded width) instead of after the "
+        "sequence's last real token, so its RoPE position counts the pads",
+        f"batch.0.steps.1.{HEAD0}.q_rotated",
+        "batch_positions",
+        _positions_from_columns(decode_only=True),
+        padding="right",
+        generate=1,
+    ),
+]

@@ -5,7 +5,9 @@ Verify it:  python -m harness verify CHECKPOINT --impl examples/my_llama.py:forw
 What it takes: `harness.record(name, tensor)` at the canonical names (README: "Canonical names"), and each layer's input
 passed through `harness.layer_input` so that `--isolated` can hand every layer the reference's input. For generation,
 the decode contract's `start_pos` and `cache` (docs/generation.md): the harness calls it once for the prompt
-(start_pos 0, cache empty), then once per decoded token, always with the same cache dict.
+(start_pos 0, cache empty), then once per decoded token, always with the same cache dict. For a padded batch
+(`--prompts FILE`), the batched contract's `attention_mask` [B, K] (docs/batches.md): tokens [B, T], every tensor with
+a leading batch axis, each sequence at its own positions, pad keys masked.
 """
 
 import torch
@@ -17,10 +19,10 @@ def rms_norm(x, weight, eps):
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * weight
 
 
-def forward(checkpoint, tokens, *, dtype, device, start_pos=0, cache=None):
+def forward(checkpoint, tokens, *, dtype, device, start_pos=0, cache=None, attention_mask=None):
     config = checkpoint.config
     weight = lambda name: checkpoint.tensor(name).to(device=device, dtype=dtype)  # one tensor, read when asked
-    T, hd = len(tokens), config.head_dim
+    T, hd = tokens.shape[-1], config.head_dim  # tokens [T], or [B, T] in a batch
     K = start_pos + T  # key positions this call attends to: the cached ones, then its own T
 
     # RoPE as the notebook: one unit complex number per (position, pair), in float32
@@ -28,8 +30,14 @@ def forward(checkpoint, tokens, *, dtype, device, start_pos=0, cache=None):
     if config.rope_scaling is not None:  # Llama 3.1: long wavelengths divided by the factor, short ones kept
         freqs = scale_frequencies(freqs, config.rope_scaling)
     positions = torch.arange(start_pos, K).float()  # [T]: a decoded token sits after everything cached
-    freqs_cis = torch.polar(torch.ones(T, hd // 2), torch.outer(positions, freqs)).to(device)  # [T, hd/2]
+    if attention_mask is not None:  # a padded batch: each sequence counts its own real tokens only
+        positions = (attention_mask.cpu().cumsum(-1) - 1).clamp(min=0)[:, start_pos:K].float()  # [B, T]
+    angles = positions[..., None] * freqs  # [T, hd/2] ([B, T, hd/2])
+    freqs_cis = torch.polar(torch.ones_like(angles), angles).to(device)  # [T, hd/2]
     mask = torch.triu(torch.full((T, K), float("-inf"), device=device), diagonal=start_pos + 1)  # [T, K]
+    if attention_mask is not None:  # pad keys masked; the dtype's min, not -inf: a pad query's row stays finite
+        pad = attention_mask[:, None, :K].to(device) == 0  # [B, 1, K]
+        mask = mask + torch.where(pad, torch.finfo(torch.float32).min, 0.0)  # [B, T, K]
 
     x = checkpoint.tensor("tok_embeddings.weight")[tokens.cpu()].to(device=device, dtype=dtype)  # [T, D]
     harness.record("embeddings", x)
@@ -50,11 +58,13 @@ def forward(checkpoint, tokens, *, dtype, device, start_pos=0, cache=None):
             keys, values = k_rotated, v
             if cache is not None:  # KV cache: this KV head's rotated keys and values of every position so far
                 if head % (config.n_heads // config.n_kv_heads) == 0:  # the group's first head appends, once
-                    past_k, past_v = cache.get(f"{p}k{kv}", k_rotated[:0]), cache.get(f"{p}v{kv}", v[:0])
-                    cache[f"{p}k{kv}"], cache[f"{p}v{kv}"] = torch.cat([past_k, k_rotated]), torch.cat([past_v, v])
+                    past_k = cache.get(f"{p}k{kv}", k_rotated[..., :0, :])
+                    past_v = cache.get(f"{p}v{kv}", v[..., :0, :])
+                    cache[f"{p}k{kv}"] = torch.cat([past_k, k_rotated], dim=-2)
+                    cache[f"{p}v{kv}"] = torch.cat([past_v, v], dim=-2)
                 keys, values = cache[f"{p}k{kv}"], cache[f"{p}v{kv}"]  # [K, hd]
-            scores = q_rotated @ keys.T / hd**0.5  # [T, K]
-            probs = torch.softmax(scores + mask, dim=1).to(dtype)  # [T, K]
+            scores = q_rotated @ keys.transpose(-2, -1) / hd**0.5  # [T, K]
+            probs = torch.softmax(scores + mask, dim=-1).to(dtype)  # [T, K], over keys
             output = probs @ values  # [T, hd]
             h = f"{p}attention.heads.{head}."
             cached = dict(cache_k=keys, cache_v=values) if cache is not None else {}
