@@ -1,7 +1,7 @@
 """What a run cannot see: the RoPE-scaling bugs that a checkpoint, dtype and prompt length leave under the rounding.
 
-Pure, from a ModelConfig, a dtype and a prompt length: each bug class is its own frequency set, its change of layer 0's
-q_rotated set against the bound the rule (harness/bound.py) gives it there (docs/calibration.md, blind spots).
+Pure, from a ModelConfig, a dtype and a prompt length: each bug class is its own frequency set, its change of the first
+judged layer's q_rotated set against the bound the rule (harness/bound.py) gives it there (docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ GEOMETRIC_STEP = 1.05  # the search for the shortest prompt that separates a cla
 @dataclass(frozen=True)
 class BugClass:
     """One way of getting the checkpoint's RoPE scaling wrong, and whether a run of this dtype and length sees it at
-    layer 0's q_rotated: its largest relative change there (`effect`) against the bound there (`bound`)."""
+    the first judged layer's q_rotated: its largest relative change there (`effect`) against the bound there
+    (`bound`)."""
 
     id: str
     label: str  # short, for the one line printed
@@ -65,6 +66,7 @@ class BlindSpots:
     n_tokens: int
     max_seq_len: int
     classes: tuple[BugClass, ...]
+    layer: int = 0  # the layer whose q_rotated it reads: 0, or a `--layers A:B` run's A (the first layer it judges)
 
     @property
     def unseen(self) -> list[BugClass]:
@@ -74,7 +76,7 @@ class BlindSpots:
         return {
             "dtype": self.dtype,
             "prompt_tokens": self.n_tokens,
-            "where": "layers.0 q_rotated, every pair of a head weighing alike",
+            "where": f"layers.{self.layer} q_rotated, every pair of a head weighing alike",
             "classes": [c.to_json(self.n_tokens) for c in self.classes],
             "unseen": [c.id for c in self.unseen],
         }
@@ -87,7 +89,7 @@ class BlindSpots:
             return None
         first, *rest = unseen
         effects = ", ".join(
-            [f"{first.label} (it moves layer 0's q_rotated by {first.ratio:.2g} of the bound)"]
+            [f"{first.label} (it moves layer {self.layer}'s q_rotated by {first.ratio:.2g} of the bound)"]
             + [f"{c.label} ({c.ratio:.2g})" for c in rest]
         )
         return (
@@ -162,8 +164,9 @@ def rotation_change(freqs: torch.Tensor, bug: torch.Tensor, lo: torch.Tensor, hi
 
 
 def q_rotated_bound(config: ModelConfig, dtype: str, n_positions: int) -> float:
-    """The rule's bound (harness/bound.py `allowance`) for layer 0's q_rotated over `n_positions` positions (a whole
-    prompt, or a block of one), its floor FLOOR_ULPS u per value and pooled with the layer's other heads."""
+    """The rule's bound (harness/bound.py `allowance`) for the first judged layer's q_rotated over `n_positions`
+    positions (a whole prompt, or a block of one), its floor FLOOR_ULPS u per value, pooled with the layer's other
+    heads."""
     u = UNIT_ROUNDOFF[dtype]
     floor = FLOOR_ULPS[dtype] * u * (math.sqrt(config.dim / FLOOR_WIDTH) if dtype in ("float32", "float64") else 1.0)
     n = n_positions * config.head_dim
@@ -201,9 +204,12 @@ def min_tokens(config: ModelConfig, freqs, bug, dtype: str) -> int | None:
     return t
 
 
-def blind_spots(config: ModelConfig, dtype: str, n_tokens: int) -> BlindSpots:
+def blind_spots(config: ModelConfig, dtype: str, n_tokens: int, first_layer: int = 0) -> BlindSpots:
     """Each RoPE-scaling bug class of the checkpoint: its effect at this length against this dtype's bound, and the
-    shortest prompt that would separate it in this dtype and in float32."""
+    shortest prompt that would separate it in this dtype and in float32; at the first layer the run judges
+    (`first_layer`): 0, or a `--layers A:B` run's A. The same figures hold there: a bug changes every layer's rotation
+    alike, and a range's oracle starts at A from the reference's input, so A's floor is that layer's own rounding, as
+    layer 0's is in a whole-model run (FLOOR_ULPS)."""
     freqs = rope_frequencies(config)
     classes = []
     for id, label, description, bug in bug_classes(config):
@@ -219,7 +225,7 @@ def blind_spots(config: ModelConfig, dtype: str, n_tokens: int) -> BlindSpots:
                 min_tokens(config, freqs, bug, "float32"),
             )
         )
-    return BlindSpots(dtype, n_tokens, config.max_seq_len, tuple(classes))
+    return BlindSpots(dtype, n_tokens, config.max_seq_len, tuple(classes), layer=first_layer)
 
 
 __all__ = ["BlindSpots", "BugClass", "FLOOR_ULPS", "blind_spots", "bug_classes", "rotation_change"]

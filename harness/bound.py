@@ -258,8 +258,8 @@ def allowance(
     `group`'s when given; `samples` the independent errors when fewer than the rounded values), or, when not
     `oracle`, direct mode's rtol/atol (the table's for `dtype` unless given)."""
     norm = math.sqrt(sums.truth2)
-    if not oracle:
-        return Allowance(direct_bound(sums.truth2, sums.n, dtype, rtol, atol) * norm, norm)
+    if not oracle:  # an all-zero truth allows B only itself: its relative bound (inf) times a norm of 0 is no distance
+        return Allowance(direct_bound(sums.truth2, sums.n, dtype, rtol, atol) * norm if norm > 0 else 0.0, norm)
     own = sums.floor()
     pool = own if group is None else group
     floor = effective_floor(own, pool)

@@ -1,20 +1,15 @@
 """A user's golden set: their implementation's trace, verified against the reference once (`record`), then the gate
 for later commits (`check`: today's trace against it under cross-machine float noise only, without the reference).
 
-The set is a folder: `golden.json` (what it was recorded from, the bounds), `implementation.h5`, `verification.json`.
-Format, bounds and the workflow: docs/golden.md.
+The set's folder, `read` and `write`: harness/golden_format.py. Format, bounds and the workflow: docs/golden.md.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import shlex
 import tempfile
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,95 +18,20 @@ from filelock import FileLock
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare import Comparison, compare_traces, write_json
 from .errors import HarnessError
-from .files import atomic_path
-from .golden import GOLDEN_ATOL, GOLDEN_RTOL, sha256
+from .golden_format import (
+    DESCRIPTION,
+    TRACE,
+    VERIFICATION,
+    GoldenSet,
+    bounds_line,
+    describe,
+    read,
+    recipe_text,
+    write,
+)
 from .implementation import Forward, resolve
 from .run import DEFAULT_PROMPT, make_run, trace
 from .tiny import read_recipe, remake
-from .trace_file import FORMAT_VERSION, READABLE_VERSIONS, library_versions
-
-DESCRIPTION = "golden.json"
-TRACE = "implementation.h5"
-VERIFICATION = "verification.json"
-FORMAT = "llama3-harness golden set"
-SET_VERSION = 1
-BOUNDS_SOURCE = "harness/golden.py GOLDEN_RTOL/GOLDEN_ATOL; measured: docs/golden.md#the-bounds"
-
-
-@dataclass(frozen=True)
-class GoldenSet:
-    """What `golden.json` says: the checkpoint (fingerprint, path, tiny recipe), the run, the bounds, the versions."""
-
-    path: Path
-    implementation: str  # the --impl it was recorded with
-    implementation_sha256: str | None  # of the file, for path/to/file.py:ATTR
-    checkpoint_path: str
-    checkpoint_fingerprint: str
-    checkpoint_format: str
-    tiny: dict | None  # make-tiny's (variant, seed, format, shape), when the checkpoint is a tiny one
-    prompt: str
-    tokens: list[int]
-    dtype: str
-    device: str
-    rtol: float
-    atol: float
-    library_versions: dict[str, str]
-    recorded: str
-    machine: str
-    trace_sha256: str
-    verification: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def trace(self) -> Path:
-        return self.path / TRACE
-
-
-def read(golden_dir: str | Path) -> GoldenSet:
-    """The golden set at `golden_dir`, its trace checked against the sha256 `golden.json` records."""
-    golden_dir = Path(golden_dir)
-    path = golden_dir / DESCRIPTION
-    if not path.is_file():
-        what = "no such directory" if not golden_dir.is_dir() else f"no {DESCRIPTION}"
-        raise HarnessError(
-            f"{golden_dir}: not a golden set ({what}); record one with `python -m harness golden record --impl "
-            f"FILE.py:forward --checkpoint DIR --out {golden_dir}` (docs/golden.md)"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT or data.get("format_version") != SET_VERSION:
-            raise ValueError(f"format {data.get('format')!r} version {data.get('format_version')}")
-        ckpt, run, bounds = data["checkpoint"], data["run"], data["bounds"]
-        golden = GoldenSet(
-            golden_dir,
-            data["implementation"]["spec"],
-            data["implementation"].get("sha256"),
-            ckpt["path"],
-            ckpt["fingerprint"],
-            ckpt["format"],
-            ckpt.get("tiny"),
-            run["prompt"],
-            [int(t) for t in run["tokens"]],
-            run["dtype"],
-            run.get("device", "cpu"),
-            float(bounds["rtol"]),
-            float(bounds["atol"]),
-            data.get("library_versions", {}),
-            data.get("recorded", ""),
-            data.get("machine", ""),
-            data["trace"]["sha256"],
-            data.get("verification", {}),
-        )
-        trace_version = data["trace"].get("format_version")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json's error is a ValueError
-        raise HarnessError(f"{path}: not a valid golden set ({type(e).__name__}: {e})") from None
-    if trace_version not in READABLE_VERSIONS:
-        raise HarnessError(f"{path}: its trace is format {trace_version}, this harness reads {READABLE_VERSIONS}")
-    if not golden.trace.is_file():
-        raise HarnessError(f"{golden.trace}: missing from the golden set")
-    if sha256(golden.trace) != golden.trace_sha256:
-        raise HarnessError(f"{golden.trace}: sha256 differs from {DESCRIPTION} (changed outside `golden record`)")
-    return golden
-
 
 # ---- record ----------------------------------------------------------------------------------------------------------
 
@@ -153,23 +73,6 @@ def record(
     return Recorded(result, golden, ckpt.path, dtype)
 
 
-def write(
-    golden_dir: Path, verification, ckpt: Checkpoint, *, tiny: dict | None, prompt: str, dtype: str, device: str
-) -> GoldenSet:
-    """The set from a passed verification: its implementation's trace and comparison.json moved in, golden.json
-    last (a set rewritten half-way fails `read`'s sha256 check, never passes a check)."""
-    description = _description(verification, ckpt, tiny, prompt=prompt, dtype=dtype, device=device)
-    golden_dir.mkdir(exist_ok=True)
-    os.replace(verification.trace_path, golden_dir / TRACE)
-    os.replace(verification.out / "comparison.json", golden_dir / VERIFICATION)
-    with atomic_path(golden_dir / DESCRIPTION) as target:
-        slot = f"tokens {uuid.uuid4()}"  # the tokens on one line, however many: a slot no other string can be
-        tokens, description["run"]["tokens"] = description["run"]["tokens"], slot
-        text = json.dumps(description, indent=1).replace(json.dumps(slot), json.dumps(tokens))
-        target.write_text(text + "\n", encoding="utf-8")
-    return read(golden_dir)
-
-
 def _check_out(golden_dir: Path) -> None:
     if not golden_dir.parent.is_dir():
         raise HarnessError(f"{golden_dir}: parent folder {golden_dir.parent} does not exist; create it first")
@@ -187,50 +90,10 @@ def _tiny_recipe(ckpt: Checkpoint) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         if open_checkpoint(remake(recipe, Path(tmp) / "tiny")).fingerprint() != ckpt.fingerprint():
             raise HarnessError(
-                f"{ckpt.path}: tiny.json says make-tiny {_recipe_text(recipe)}, but that makes another checkpoint "
+                f"{ckpt.path}: tiny.json says make-tiny {recipe_text(recipe)}, but that makes another checkpoint "
                 f"(fingerprint differs): remove tiny.json, or make the checkpoint again with make-tiny"
             )
     return recipe
-
-
-def _description(result, ckpt: Checkpoint, tiny: dict | None, *, prompt: str, dtype: str, device: str) -> dict:
-    """golden.json: everything `check` needs, and what a reader needs to trust the set."""
-    comparison = result.comparison
-    where = result.implementation.rsplit(":", 1)[0]
-    worst = max(comparison.results, key=lambda r: r.ratio)
-    return {
-        "format": FORMAT,
-        "format_version": SET_VERSION,
-        "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "implementation": {
-            "spec": result.implementation,
-            "sha256": sha256(Path(where)) if where.endswith(".py") else None,
-        },
-        "checkpoint": {
-            "path": str(ckpt.path.resolve()),
-            "fingerprint": ckpt.fingerprint(),
-            "format": ckpt.format,
-            "tiny": tiny,
-        },
-        "run": {"prompt": prompt, "tokens": comparison.tokens, "dtype": dtype, "device": device},
-        "bounds": {
-            "rtol": GOLDEN_RTOL[dtype],
-            "atol": GOLDEN_ATOL[dtype],
-            "rule": "per name: ||today - golden|| / ||golden|| <= rtol + atol * sqrt(n) / ||golden||",
-            "source": BOUNDS_SOURCE,
-        },
-        "trace": {"file": TRACE, "sha256": sha256(result.trace_path), "format_version": FORMAT_VERSION},
-        "verification": {
-            "against": "the Hugging Face reference and its float64 oracle (python -m harness verify)",
-            "passed": comparison.passed,
-            "names": len(comparison.results),
-            "largest_ratio": worst.ratio,
-            "at": worst.name,
-            "file": VERIFICATION,
-        },
-        "library_versions": library_versions(),
-    }
 
 
 # ---- check -----------------------------------------------------------------------------------------------------------
@@ -326,12 +189,6 @@ def _remade(recipe: dict, out: Path) -> Path:
     return out
 
 
-def _recipe_text(recipe: dict) -> str:
-    text = f"--variant {recipe['variant']} --seed {recipe['seed']}"
-    text += f" --format {recipe['format']}" if recipe["format"] != "meta" else ""
-    return text + (f" --shape {recipe['shape']}" if recipe["shape"] != "tiny" else "")
-
-
 def rewrite_command(golden: GoldenSet, impl: str, checkpoint: str | Path | None, source: str) -> str:
     """`python -m harness golden record ...` that rewrites the set from today's implementation (after review)."""
     make = ""
@@ -339,7 +196,7 @@ def rewrite_command(golden: GoldenSet, impl: str, checkpoint: str | Path | None,
         checkpoint = golden.checkpoint_path
     elif checkpoint is None:  # remade from its recipe: make it again beside the user's files
         checkpoint = Path(golden.checkpoint_path).name or "tiny"
-        make = f"python -m harness make-tiny {shlex.quote(str(checkpoint))} {_recipe_text(golden.tiny)} && "
+        make = f"python -m harness make-tiny {shlex.quote(str(checkpoint))} {recipe_text(golden.tiny)} && "
     words = ["python -m harness golden record --impl", shlex.quote(impl), "--checkpoint", shlex.quote(str(checkpoint))]
     words += ["--dtype", golden.dtype]
     words += ["--prompt", shlex.quote(golden.prompt)] if golden.prompt != DEFAULT_PROMPT else []
@@ -348,22 +205,6 @@ def rewrite_command(golden: GoldenSet, impl: str, checkpoint: str | Path | None,
 
 
 # ---- what the command line prints ------------------------------------------------------------------------------------
-
-
-def describe(golden: GoldenSet) -> str:
-    where = f"tiny {_recipe_text(golden.tiny)}" if golden.tiny else golden.checkpoint_path
-    return (
-        f"golden set {golden.path}: {golden.implementation}, {golden.dtype}, {len(golden.tokens)} tokens, checkpoint "
-        f"{where}; recorded {golden.recorded} on {golden.machine or 'an unnamed machine'}, verified against the "
-        f"reference (largest ratio {golden.verification.get('largest_ratio', float('nan')):.3g})"
-    )
-
-
-def bounds_line(golden: GoldenSet) -> str:
-    return (
-        f"bound per name: rel_l2 <= {golden.rtol:g} + {golden.atol:g} x sqrt(n) / ||golden|| ({golden.dtype}; "
-        f"cross-machine float noise only: docs/golden.md#the-bounds)"
-    )
 
 
 def check_lines(result: GoldenCheck) -> list[str]:
@@ -406,3 +247,20 @@ def record_lines(recorded: Recorded) -> list[str]:
         bounds_line(golden),
         f"wrote {TRACE}, {VERIFICATION} and {DESCRIPTION} to {golden.path}",
     ]
+
+
+__all__ = [
+    "GoldenCheck",
+    "GoldenSet",
+    "Recorded",
+    "bounds_line",
+    "check",
+    "check_lines",
+    "describe",
+    "locate_checkpoint",
+    "read",
+    "record",
+    "record_lines",
+    "rewrite_command",
+    "write",
+]

@@ -28,11 +28,16 @@ from .sweep_report import merge_comparisons, read_comparison, write_merged, writ
 
 AXES = ("checkpoint", "impl", "dtype", "prompt", "prompt_file", "layers", "generate")  # a spec's keys, the CLI's flags
 GIB = 2**30
-# The interpreter with torch and transformers imported: `verify` tiny peaks at 0.41 GiB (docs/performance.md).
+# The interpreter with torch and transformers imported: `verify` tiny peaks at 0.41-0.47 GiB (docs/performance.md).
 BASE_MEMORY = GIB // 2
 # Per token, what no other term holds (the traces' rows, their float64 copies): fitted so that tiny 3.1 at 2048 tokens
 # (1.38 GiB measured, docs/performance.md) is covered; the other measured peaks are covered with it (docs/sweep.md).
 TOKEN_MEMORY = 384 * 1024
+# The margin on the weights a verify holds at once: with the streamed reference, 17-token verifies from the 8B's to the
+# 405B's width peak 1-5% below the estimate without it (2026-11-30, docs/sweep.md); 25% more on the weights covers
+# the allocator's slack and an implementation that holds a little more than the from-scratch forward.
+WEIGHTS_MARGIN = 1.25
+STORED_SIZE = 2  # bytes a weight takes in the checkpoint: bfloat16, as Llama 3 ships
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,9 @@ def _load_spec(path: Path) -> dict[str, Any]:
         if path.suffix == ".json":
             data = json.loads(text)
         else:
-            import tomllib  # Python 3.11+
+            from .dump_map import toml_module
 
-            data = tomllib.loads(text)
+            data = toml_module().loads(text)
     except ImportError:
         raise HarnessError(f"{path}: reading TOML needs Python 3.11 (tomllib); write the spec as .json") from None
     except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are both ValueErrors
@@ -187,19 +192,25 @@ def check_layers(jobs: Iterable[Job]) -> None:
 
 def estimate_memory(config: ModelConfig, n_tokens: int, dtype: str, layers: tuple[int, int] | None = None) -> int:
     """Bytes a verify job peaks at, from the config and the prompt's length (prompt + generated tokens); above every
-    peak measured in docs/performance.md (docs/sweep.md has the table). The terms:
-    the reference model in the working dtype (all its layers, or those of `layers`; the embeddings and the output);
-    the float64 oracle's one resident layer; one layer's attention scores and probabilities in float32 (three
-    [H, T, T]); the logits of both sides and of the oracle ([T, V] in the dtype and in float64)."""
+    peak measured in docs/performance.md (docs/sweep.md has the table). Every side reads its weights as it runs, so
+    neither the depth nor a range (`layers`) changes it. The terms: the most weights held at once, times
+    WEIGHTS_MARGIN: the from-scratch forward's one decoder layer in the working dtype (and, cast from bfloat16, its
+    largest tensor as read), or the float64 oracle's block (a projection, at most BLOCK_BYTES, or LOGIT_ROWS rows of
+    the output) with its bfloat16 source; one layer's attention scores and probabilities in float32 (three
+    [H, T, T]); the logits of both sides and of the oracle ([T, V] in the dtype and in float64); TOKEN_MEMORY each
+    token."""
+    from .weights import BLOCK_BYTES, LOGIT_ROWS  # the oracle's blocks (here: weights.py imports transformers)
+
     c, size = config, DTYPES[dtype].itemsize
     attention = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)  # wq, wo; wk, wv
     layer = attention + 3 * c.dim * c.ffn_dim + 2 * c.dim  # w1, w2, w3; two norms
-    n_layers = c.n_layers if layers is None else layers[1] - layers[0]
-    embeddings = c.vocab_size * c.dim * (1 if c.tie_word_embeddings else 2) + c.dim
-    weights = (embeddings + n_layers * layer) * size
+    largest = c.dim * max(c.ffn_dim, c.n_heads * c.head_dim)  # w1 (or wq)
+    scratch = layer * size + (largest * STORED_SIZE if size != STORED_SIZE else 0)
+    oracle = max(min(largest * 8, BLOCK_BYTES), min(LOGIT_ROWS, c.vocab_size) * c.dim * 8) * (8 + STORED_SIZE) // 8
+    weights = WEIGHTS_MARGIN * max(scratch, oracle)
     scores = 3 * c.n_heads * n_tokens * n_tokens * 4
     logits = n_tokens * c.vocab_size * (size + 8)
-    return BASE_MEMORY + weights + layer * 8 + scores + logits + n_tokens * TOKEN_MEMORY
+    return int(BASE_MEMORY + weights + scores + logits + n_tokens * TOKEN_MEMORY)
 
 
 def auto_ranges(config: ModelConfig, n_tokens: int, dtype: str, memory: int) -> list[tuple[int, int]]:

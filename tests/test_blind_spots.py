@@ -14,7 +14,16 @@ import json
 import pytest
 import torch
 
-from harness.blind_spots import blind_spots, bug_classes, min_tokens, q_rotated_bound, rotation_change, worst_effect
+from harness.blind_spots import (
+    FLOOR_ULPS,
+    blind_spots,
+    bug_classes,
+    min_tokens,
+    q_rotated_bound,
+    rotation_change,
+    worst_effect,
+)
+from harness.bound import UNIT_ROUNDOFF
 from harness.checkpoint import open_checkpoint
 from harness.cli import main
 from harness.compare import compare_traces
@@ -99,6 +108,16 @@ def test_tiny_31_at_17_tokens_in_bfloat16_cannot_tell_either_class_and_float32_c
         "prompt of >= 882 tokens (scaling dropped from 142, factor 32 for 8 from 882) would"
     )
     assert blind_spots(config(), "float32", 17).line() is None  # float32 sees them all: nothing said
+
+
+def test_a_layer_range_is_read_at_its_first_layer_with_the_same_figures():
+    """`verify --layers 2:3` judges no layer 0: the line and the JSON name layer 2's q_rotated, the figures unchanged
+    (the range's oracle starts at layer 2 from the reference's input, so its floor is that layer's rounding alone)."""
+    whole, ranged = blind_spots(config(), "bfloat16", 17), blind_spots(config(), "bfloat16", 17, first_layer=2)
+    assert ranged.classes == whole.classes
+    assert ranged.line() == whole.line().replace("layer 0's q_rotated", "layer 2's q_rotated")
+    assert "layer 2's q_rotated" in ranged.line()
+    assert ranged.to_json() == {**whole.to_json(), "where": "layers.2 q_rotated, every pair of a head weighing alike"}
 
 
 def test_the_shortest_separating_prompt_is_the_first_length_that_separates():
@@ -219,6 +238,27 @@ def test_verify_prints_and_writes_its_blind_spots(tiny_checkpoint, tmp_path, cap
     assert data == json.loads(json.dumps(spots.to_json()))
     assert data["unseen"] == ["scaling_dropped", "factor_32_for_8"]
     assert "blind spots: at 17 tokens in bfloat16" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_verify_of_a_layer_range_names_its_first_layer_whose_floor_is_the_measured_one(
+    tiny_checkpoint, tmp_path, capsys
+):
+    """`verify --layers 2:3` on tiny 3.1 in bfloat16: the line and comparison.json name layer 2, and layer 2's
+    q_rotated floors are that layer's rounding alone, as layer 0's in a whole run, where FLOOR_ULPS was measured
+    (2026-11-30, 8 heads: 0.84-1.00 u here, layer 0's 0.80-0.99 u; layer 2's in a whole isolated run 4.9-5.6 u, the
+    drift of the layers before it). Held to 1.25 x FLOOR_ULPS: the same rounding, not the drift."""
+    out = tmp_path / "v"
+    checkpoint = tiny_checkpoint("3.1")
+    assert main(["verify", str(checkpoint), "--dtype", "bfloat16", "--layers", "2:3", "--out", str(out)]) == 0
+    spots = blind_spots(open_checkpoint(checkpoint).config, "bfloat16", 17, first_layer=2)
+    assert "it moves layer 2's q_rotated" in spots.line() and spots.line() in capsys.readouterr().out.splitlines()
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["blind_spots"]["where"].startswith("layers.2 q_rotated")
+    floors = [
+        r["floor"] for r in data["results"] if r["name"].startswith("layers.2.") and r["name"].endswith("q_rotated")
+    ]
+    assert len(floors) == 8 and max(floors) <= 1.25 * FLOOR_ULPS["bfloat16"] * UNIT_ROUNDOFF["bfloat16"], floors
 
 
 def test_the_tiny_variants_are_the_ones_measured():

@@ -89,6 +89,15 @@ def test_an_all_zero_truth_allows_any_relative_error():
     assert allowed_rel_l2(zero, dtype="float32", oracle=False) == math.inf
 
 
+def test_an_all_zero_truth_allows_no_distance_in_either_mode():
+    """Only B = truth passes an all-zero truth: direct mode's inf x 0 is no distance (not NaN, which fails even 0)."""
+    zero = Sums(n=10, n_rounded=10)
+    for oracle in (True, False):
+        allowed = allowance(zero, dtype="bfloat16", oracle=oracle)
+        assert allowed.l2 == 0.0 and allowed.rel_l2 == math.inf, oracle
+        assert (allowed.ratio(0.0), allowed.ratio(1e-30)) == (0.0, math.inf), oracle
+
+
 def test_an_allowance_gives_the_ratio_and_the_bound_from_the_same_two_numbers():
     allowed = Allowance(l2=2.0, norm=4.0, floor=Floor(0.1, 1.0, 16))
     assert allowed.rel_l2 == 0.5 and allowed.ratio(2.0) == 1.0 and allowed.ratio(1.0) == 0.5

@@ -7,6 +7,7 @@ The rule alone: tests/test_bound.py; the streamed sums: tests/test_stream.py; ve
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,18 @@ def test_the_bound_judge_reports_is_allowed_rel_l2_of_the_streamed_sums():
     stats = accumulate(name, lambda r0, r1: a[r0:r1], lambda r0, r1: b[r0:r1], None, (3, 8))  # B against A
     direct = judge(stats, dtype_a="float32", dtype_b="float32", rtol=1e-3, atol=0.0)
     assert direct.bound == allowed_rel_l2(stats.sums.total(), dtype="float32", oracle=False, rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("oracle", [True, False], ids=["oracle", "direct"])
+def test_an_all_zero_name_passes_when_identical_and_fails_against_non_zeros(oracle):
+    """A name of zeros on both sides passes in either mode (direct mode's allowed distance was inf x 0 = NaN, which
+    no distance is within); zeros against any non-zero value still fail."""
+    zeros, name = torch.zeros(3, 8, dtype=torch.float64), "layers.0.feed_forward.gate"
+    truth = (lambda r0, r1: zeros[r0:r1]) if oracle else None
+    for b, passes in [(zeros, True), (torch.full((3, 8), 1e-6, dtype=torch.float64), False)]:
+        stats = accumulate(name, lambda r0, r1: zeros[r0:r1], lambda r0, r1, b=b: b[r0:r1], truth, (3, 8))
+        r = judge(stats, dtype_a="float32", dtype_b="float32")
+        assert (r.passed, r.ratio) == ((True, 0.0) if passes else (False, math.inf)), (oracle, passes, r)
 
 
 def test_without_an_oracle_rtol_and_atol_set_the_bound(tmp_path, base):

@@ -3,6 +3,7 @@ names; the installed plugin runs it for a user's own implementation in a directo
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -90,24 +91,19 @@ def unseen_checkpoint(tmp_path: Path) -> Path:
     return ckpt
 
 
+def run_users_suite(pytester, ckpt: Path, *args: str, source: str | None = None):
+    """The plugin as a user runs it: a fresh directory holding only `my_llama.py` (`source`, else
+    examples/my_llama.py), pytest in a subprocess on `ckpt` with the space-separated options, then `args`."""
+    (pytester.path / "my_llama.py").write_text(EXAMPLE.read_text() if source is None else source)
+    options = ["--llama3-impl", "my_llama.py:forward", "--llama3-checkpoint", str(ckpt)]
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "0", "-rA", *options, *args)
+
+
 def test_plugin_runs_the_suite_for_a_users_file_with_no_test_files(pytester, tmp_path):
     """A fresh directory holding only the user's implementation: the plugin collects the layer x head suite from the
     checkpoint's own config (2 layers x 4 heads here), with the space-separated spelling of the options."""
     ckpt = unseen_checkpoint(tmp_path)
-    shutil.copy(EXAMPLE, pytester.path / "my_llama.py")
-    result = pytester.runpytest_subprocess(
-        "-p",
-        "no:cacheprovider",
-        "-n",
-        "0",
-        "-rA",
-        "--llama3-impl",
-        "my_llama.py:forward",
-        "--llama3-checkpoint",
-        str(ckpt),
-        "--llama3-dtype",
-        "bfloat16",
-    )
+    result = run_users_suite(pytester, ckpt, "--llama3-dtype", "bfloat16")
     out = result.stdout.str()
     expected = suite_ids(2, 4, "bfloat16")  # 2 layers x 4 heads x 8 names, 2 x 9 layer names and 4 for the model
     assert len(expected) == 2 * 4 * 8 + 2 * 9 + 4
@@ -123,26 +119,14 @@ def test_plugin_turns_red_at_the_layer_and_head_of_a_bug(pytester, tmp_path):
     """The user's file with a bug in head 2 of the last layer's scores: red there (and after it in that head), named
     with the file, the first divergence and the compare command; isolated, so nothing before it drifts."""
     ckpt = unseen_checkpoint(tmp_path)
-    source = EXAMPLE.read_text().replace(
-        "scores = q_rotated @ keys.T / hd**0.5",
-        "scores = q_rotated @ keys.T / hd**0.5 * (1.5 if (layer, head) == (1, 2) else 1)",
+    source = re.sub(  # the example's scores line, `q_rotated @ keys... / hd**0.5`, scaled in one head
+        r"(scores = q_rotated @ keys[^/\n]*/ hd\*\*0\.5)",
+        r"\1 * (1.5 if (layer, head) == (1, 2) else 1)",
+        EXAMPLE.read_text(),
+        count=1,
     )
     assert source != EXAMPLE.read_text()
-    (pytester.path / "my_llama.py").write_text(source)
-    result = pytester.runpytest_subprocess(
-        "-p",
-        "no:cacheprovider",
-        "-n",
-        "0",
-        "-rA",
-        "--llama3-impl",
-        "my_llama.py:forward",
-        "--llama3-checkpoint",
-        str(ckpt),
-        "--llama3-dtype",
-        "float32",
-        "--llama3-isolated",
-    )
+    result = run_users_suite(pytester, ckpt, "--llama3-dtype", "float32", "--llama3-isolated", source=source)
     out = result.stdout.str()
     # red: head 2's scores and what follows from them in that head, then every later name of layer 1; isolated, the
     # final norm gets the reference's input, so nothing after layer 1 is red
@@ -193,24 +177,8 @@ def test_repo_suite_takes_a_checkpoint_outside_the_repo_with_a_space(tmp_path):
 def test_plugin_generate_parametrizes_by_step(pytester, tmp_path):
     """--llama3-generate N: head and layer tests for every step (step0: the prefill), the example with its KV cache."""
     ckpt = unseen_checkpoint(tmp_path)
-    shutil.copy(EXAMPLE, pytester.path / "my_llama.py")
-    result = pytester.runpytest_subprocess(
-        "-p",
-        "no:cacheprovider",
-        "-n",
-        "0",
-        "-rA",
-        "--llama3-impl",
-        "my_llama.py:forward",
-        "--llama3-checkpoint",
-        str(ckpt),
-        "--llama3-dtype",
-        "float32",
-        "--llama3-generate",
-        "2",
-        "-k",
-        "step2-layer1-head3 or step0-layer0-output or next_token",
-    )
+    selected = "step2-layer1-head3 or step0-layer0-output or next_token"
+    result = run_users_suite(pytester, ckpt, "--llama3-dtype", "float32", "--llama3-generate", "2", "-k", selected)
     parts = [*HEAD_NAMES[:5], "cache_k", "cache_v", *HEAD_NAMES[5:]]  # a decode step's head attends over its cache
     expected = [f"test_head[step2-layer1-head3-{p}]" for p in parts] + [
         "test_layer[step0-layer0-output]",

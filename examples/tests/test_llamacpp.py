@@ -83,6 +83,17 @@ def test_a_gguf_passes_in_its_own_dtype(variant, outtype, gguf, tiny_checkpoint,
     assert "note: llama.cpp tokenizes" not in capsys.readouterr().err  # special tokens parsed: the harness's tokens
 
 
+@pytest.mark.parametrize("variant", ["3.0", "3.1", "3.2"])
+def test_q8_0_passes_with_its_weights_held_constant(variant, gguf, tiny_checkpoint, tmp_path):
+    """A Q8_0 GGUF against the reference on that file's own dequantized weights (`--weights-from`, docs/quantized.md):
+    the implementation's arithmetic is judged, not the quantization."""
+    q8 = gguf(variant, "q8_0")
+    result = verify(tiny_checkpoint(variant), out=tmp_path, dtype="bfloat16", impl=f"llamacpp:{q8}", weights_from=q8)
+    assert result.passed, _verdict(result)
+    config = open_checkpoint(tiny_checkpoint(variant)).config
+    assert len(result.comparison.results) == len(list(canonical_names(config.n_layers, config.n_heads))) - 1
+
+
 def test_q_k_rows_left_in_hugging_faces_order_fail_at_q(gguf, tiny_checkpoint, tmp_path):
     """The converter permutes HF's q/k rows back to Meta's interleaved pairs (llama.cpp's RoPE is Meta's): without
     that permutation the projections themselves come out in another order."""
