@@ -43,7 +43,8 @@ def measure(checkpoint: Path, gguf: Path, n_tokens: int, work: Path) -> dict:
     reference_s = time.perf_counter() - start
     start = time.perf_counter()
     spec = f"llamacpp:{gguf}"
-    trace(run, Implementation(spec, *llamacpp_forward(spec, names=NAMES)), work / f"llamacpp-{count}.h5")
+    forward, metadata, _ = llamacpp_forward(spec, names=NAMES)
+    trace(run, Implementation(spec, forward, metadata), work / f"llamacpp-{count}.h5")
     llamacpp_s = time.perf_counter() - start
     results = compare_traces(work / f"reference-{count}.h5", work / f"llamacpp-{count}.h5").results
     row = dict(tokens=count, reference_s=round(reference_s, 1), llamacpp_s=round(llamacpp_s, 1))

@@ -36,6 +36,7 @@ class Implementation:
     forward: Forward
     metadata: dict[str, Any] = field(default_factory=dict)
     decoder: Callable[[], Forward] | None = None  # makes a generation's decode step, when not `forward` (the reference)
+    precheck: Callable[[Any, str, str], None] | None = None  # (checkpoint, dtype, device): refusals before any work
 
 
 def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progress: bool = False) -> Implementation:
@@ -81,7 +82,8 @@ def resolve(spec: str | Forward | Implementation, **options: Any) -> Implementat
     if spec.startswith("llamacpp:") and not spec.removeprefix("llamacpp:").isidentifier():  # a GGUF (docs/ports.md)
         from .llamacpp import llamacpp_forward
 
-        return Implementation(spec, *llamacpp_forward(spec))
+        forward, metadata, precheck = llamacpp_forward(spec)
+        return Implementation(spec, forward, metadata, precheck=precheck)
     if ":" not in spec:
         raise HarnessError(f"--impl {spec}: expected scratch, reference, MODULE:ATTR or path/to/file.py:ATTR")
     where, attr = spec.rsplit(":", 1)

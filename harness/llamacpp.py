@@ -235,9 +235,12 @@ def isolate(n_layers: int, n_tokens: int):
 DECODE_ROOM = 1024  # positions a generation's context holds past its prompt (llama.cpp's KV cache does not grow)
 
 
-def llamacpp_forward(spec: str, *, names: list[str] | None = None) -> tuple[Callable[..., torch.Tensor], dict]:
+def llamacpp_forward(
+    spec: str, *, names: list[str] | None = None
+) -> tuple[Callable[..., torch.Tensor], dict, Callable]:
     """`llamacpp:MODEL.gguf[?threads=N]`, loaded and ready: (its forward, which keeps the decode contract
-    (`--generate`), and the trace metadata); harness.implementation.resolve makes the Implementation.
+    (`--generate`), the trace metadata, and the check of a run's checkpoint, dtype and device made before any work);
+    harness.implementation.resolve makes the Implementation.
     `names`: globs of the canonical names to read out of the graph (default: all; a long prompt's scores are big)."""
     path, threads = parse_spec(spec)
     model = Model.load(path, threads)
@@ -264,10 +267,7 @@ def llamacpp_forward(spec: str, *, names: list[str] | None = None) -> tuple[Call
         checkpoint: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype, device: Any, start_pos: int = 0, cache=None
     ) -> torch.Tensor:
         config, ids = checkpoint.config, [int(t) for t in tokens.tolist()]  # [T]
-        if str(device) != "cpu":
-            raise HarnessError(f"--impl {spec}: llama.cpp runs on the CPU here (its own threads): pass --device cpu")
-        check_dtype(str(path), model.file_type, str(dtype).removeprefix("torch."))
-        model.check(config)
+        precheck(checkpoint, str(dtype).removeprefix("torch."), str(device))
         if start_pos == 0:
             tokenization_notice(model, checkpoint, ids)
         session = session_for(model, config, cache, len(ids))
@@ -280,7 +280,14 @@ def llamacpp_forward(spec: str, *, names: list[str] | None = None) -> tuple[Call
             raise capture.error
         return torch.from_numpy(logits)  # [T, V] float32
 
-    return forward, metadata
+    def precheck(checkpoint: Checkpoint, dtype: str, device: str) -> None:
+        """What the run refuses, said before the reference runs: the device, the dtype, the model's shape."""
+        if device != "cpu":
+            raise HarnessError(f"--impl {spec}: llama.cpp runs on the CPU here (its own threads): pass --device cpu")
+        check_dtype(str(path), model.file_type, dtype)
+        model.check(checkpoint.config)
+
+    return forward, metadata, precheck
 
 
 def session_for(model: Model, config: ModelConfig, cache: dict | None, n: int) -> Session:

@@ -115,6 +115,8 @@ def verify(
     isolated = isolated or layers is not None  # a range is judged isolated: each layer on the reference's input
     given = dict(prompt=prompt, dtype=dtype, device=device, isolated=isolated, generate=generate, layers=layers)
     run = make_run(checkpoint, weights_from=weights_from, prompts=prompts, padding=padding, **given)
+    if implementation.precheck is not None:  # what the implementation refuses, before the reference's minutes
+        implementation.precheck(run.checkpoint, run.dtype, run.device)
     if run.batch is not None:  # --prompts: a padded batch against each sequence alone
         return _batch_result(run, implementation, out, progress)
     with quiet_transformers():

@@ -127,9 +127,14 @@ def test_generate_runs_through_llama_cpps_kv_cache(gguf, tiny_checkpoint, tmp_pa
     assert "steps.2.layers.2.attention.heads.7.cache_v" in names and "steps.2.logits" in names
 
 
-def test_a_gguf_run_in_another_dtype_is_refused_in_one_line(gguf, tiny_checkpoint, tmp_path):
+def test_a_gguf_run_in_another_dtype_is_refused_in_one_line(gguf, tiny_checkpoint, tmp_path, monkeypatch):
+    """Refused before the reference runs (its minutes on a real model): the reference is never built."""
+    import harness.verify
+
+    monkeypatch.setattr(harness.verify, "builtin", lambda *a, **k: pytest.fail("the reference ran before the refusal"))
     with pytest.raises(HarnessError, match=r"an F32 GGUF is judged with --dtype float32 .*pass --dtype float32$"):
-        verify(tiny_checkpoint("3.0"), out=tmp_path, dtype="bfloat16", impl=f"llamacpp:{gguf('3.0', 'f32')}")
+        verify(tiny_checkpoint("3.0"), out=tmp_path / "v", dtype="bfloat16", impl=f"llamacpp:{gguf('3.0', 'f32')}")
+    assert not (tmp_path / "v").exists()
 
 
 def test_a_gguf_of_another_checkpoint_is_refused_in_one_line(gguf, tiny_checkpoint, tmp_path):
