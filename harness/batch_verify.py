@@ -14,6 +14,7 @@ import torch
 
 from . import names as canon
 from .batch_run import check_batched, trace_batched, trace_batched_generation, trace_truth
+from .blind_spots import blind_spots
 from .compare import Comparison, NameResult, compare_traces
 from .files import atomic_path, move_into
 from .implementation import Implementation, builtin
@@ -29,7 +30,8 @@ def verify_batch(
     run: Run, implementation: Implementation, out: Path, progress: bool, impl_file: str, previous: tuple[str, ...]
 ):
     """Trace, compare and report a batch into `out`; returns (the comparison, per-sequence summaries, the batched
-    reference's check or None, the files of a previous verify (`previous`: their names) that this one replaced)."""
+    reference's check or None, the files of a previous verify (`previous`: their names) that this one replaced, the
+    blind spots of its longest sequence)."""
     if implementation.name != "reference":
         check_batched(implementation)  # before the reference's minutes, not after
     names = ["reference.h5", impl_file] + ([REFERENCE_BATCHED] if _checks_reference(run, implementation) else [])
@@ -52,12 +54,14 @@ def verify_batch(
         comparison = compare_traces(paths[0], paths[1], token_text=run.text)
         checked = compare_traces(paths[0], paths[2]) if len(paths) > 2 else None
     sequences = sequence_summaries(run, comparison.results, truth_logits, impl_logits)
-    data = {**comparison.to_json(), "batch": batch_json(run, sequences, checked)}
+    spots = blind_spots(run.checkpoint.config, run.dtype, run.batch.width)  # the longest sees the most
+    data = {**comparison.to_json(), "batch": batch_json(run, sequences, checked), "blind_spots": spots.to_json()}
     with atomic_path(out / "comparison.json") as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
     with phase("report", enabled=progress):
-        write_report(comparison, out, notes=batch_lines(run, implementation.name, sequences, checked))
-    return comparison, sequences, checked, replaced
+        notes = batch_lines(run, implementation.name, sequences, checked) + list(filter(None, [spots.line()]))
+        write_report(comparison, out, notes=notes)
+    return comparison, sequences, checked, replaced, spots
 
 
 def _checks_reference(run: Run, implementation: Implementation) -> bool:

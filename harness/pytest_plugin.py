@@ -261,8 +261,12 @@ def pytest_terminal_summary(terminalreporter, config):
     for case in [c for c in state.cases if c.checkpoint or state.tiny_root is not None]:
         if not any(case.id in n for n in ran) and not (ran and len(state.cases) == 1):
             continue  # a case none of whose tests ran says nothing
-        run = make_run(checkpoint_of(case, state.tiny_root), prompt=state.options.prompt, dtype=case.dtype)
-        spots = blind_spots(run.checkpoint.config, case.dtype, len(run.tokens), case.layer_indices[0])
+        options = state.options
+        run = make_run(
+            checkpoint_of(case, state.tiny_root), prompt=options.prompt, dtype=case.dtype, prompts=options.prompts
+        )
+        n_tokens = run.batch.width if run.batch else len(run.tokens)  # a batch: its longest sequence sees the most
+        spots = blind_spots(run.checkpoint.config, case.dtype, n_tokens, case.layer_indices[0])
         line = spots.line(dtype_flag="--llama3-dtype")
         if line:
             terminalreporter.write_line(f"llama3 harness, {case.id}: {line}")

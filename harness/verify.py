@@ -148,7 +148,7 @@ def _batch_result(run: Run, implementation: Implementation, out: Path, progress:
     from .batch_verify import batch_lines, verify_batch
 
     with quiet_transformers():
-        comparison, sequences, checked, replaced = verify_batch(
+        comparison, sequences, checked, replaced, spots = verify_batch(
             run, implementation, out, progress, trace_file(implementation.name), VERIFY_FILES
         )
     first = sequences[0]
@@ -162,8 +162,9 @@ def _batch_result(run: Run, implementation: Implementation, out: Path, progress:
         first["next_token_implementation"],
         text(first["next_token_reference"]),
         text(first["next_token_implementation"]),
+        blind_spots=spots,
         batch=sequences,
-        batch_lines=batch_lines(run, implementation.name, sequences, checked),
+        batch_lines=batch_lines(run, implementation.name, sequences, checked) + list(filter(None, [spots.line()])),
     )
     result.replaced = replaced
     return result

@@ -20,6 +20,7 @@ from harness.errors import HarnessError
 from harness.implementation import builtin, resolve
 from harness.run import DEFAULT_PROMPT, make_run, prompt_tokens
 from harness.trace_file import load_trace
+from harness.verify import verify
 from tests import mutants
 from tests.helpers import assert_expected, compute_once
 
@@ -258,3 +259,15 @@ def test_trace_batch_keeps_the_names_asked_and_the_tokens(tiny_checkpoint, tmp_p
         ]
         assert t["batch.0.tokens"].tolist() == list(run.batch.sequences[0])
         assert t.shape("batch.0.layers.0.ffn_norm") == (len(run.batch.sequences[0]), 128)
+
+
+@pytest.mark.slow
+def test_verify_batch_says_what_its_longest_sequence_cannot_see(tiny_checkpoint, tmp_path):
+    """A batch's blind-spots line (tiny 3.1 has scaled RoPE): that of its longest sequence, in the JSON too."""
+    ckpt = tiny_checkpoint("3.1")
+    prompts = exact_prompts(ckpt, (1, 17))
+    result = verify(ckpt, out=tmp_path / "v", dtype="bfloat16", prompts=prompts, padding="left")
+    assert result.passed
+    assert any(line.startswith("blind spots: at 17 tokens in bfloat16") for line in result.batch_lines)
+    data = json.loads((tmp_path / "v" / "comparison.json").read_text())
+    assert data["blind_spots"]["prompt_tokens"] == 17
