@@ -24,7 +24,7 @@ from tests.helpers_bad_input import assert_refused, cli, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "my_llama.py"
-SCORES = "scores = q_rotated @ keys.T / hd**0.5"
+SCORES = "scores = q_rotated @ keys.transpose(-2, -1) / hd**0.5"
 
 
 def mutated_example(folder: Path, old: str, new: str) -> Path:
