@@ -3,12 +3,12 @@
     python benchmarks/separation.py [--quick] [--work DIR] [--json OUT] [--sweep [--address ADDR]]
 
 Sweeps the envelope users run: prompt lengths 1 to 1024 tokens, every tiny variant (3.0, 3.1, 3.2), several seeds,
-float32/bfloat16/float16, the per-head and vectorized scratch forwards and scratch variants with other legitimate
-precision choices (monkeypatched, as tests/test_mutations.py does). Prints, per dtype and prompt length, the largest
-ratio (error / bound) of any correct run and the smallest ratio of any catalogued mutant at its own name. Targets:
-correct <= 0.5, mutants >= 10. Not a test: a few minutes with --quick on 2 cores, longer without. `--sweep` runs
-the same groups (one reference trace and the runs judged against it) as Ray tasks, on a local Ray or a cluster at
-`--address` (docs/sweep.md): the same table.
+float32/bfloat16/float16, the per-head, vectorized and fused (SDPA) scratch forwards and scratch variants with other
+legitimate precision choices (monkeypatched, as tests/test_mutations.py does). Prints, per dtype and prompt length,
+the largest ratio (error / bound) of any correct run and the smallest ratio of any catalogued mutant at its own name.
+Targets: correct <= 0.5, mutants >= 10. Not a test: a few minutes with --quick on 2 cores, longer without.
+`--sweep` runs the same groups (one reference trace and the runs judged against it) as Ray tasks, on a local Ray or a
+cluster at `--address` (docs/sweep.md): the same table.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def _softmax_working_dtype(original, dtype):
 IMPLEMENTATIONS: list[tuple[str, list[tuple[str, Callable]], bool]] = [
     ("scratch", [], False),
     ("vectorized", [], True),
+    ("sdpa", [("attention", lambda original, dtype: scratch.attention_sdpa)], False),  # fused: no scores, no probs
     ("norm-f32-cast", [("rms_norm", _norm_float32_then_cast)], False),
     ("norm-weight-f32", [("rms_norm", _norm_weight_float32)], False),
     ("rope-working", [("rotate", _rope_working_dtype)], False),
@@ -285,7 +286,7 @@ def parse_args() -> argparse.Namespace:
 def grid(args: argparse.Namespace) -> tuple:
     if args.quick:
         variants, seeds, dtypes = ("3.0", "3.2"), (0,), ("float32", "bfloat16")
-        lengths, mutant_lengths, impls = (1, 2, 3, 4, 17, 64), (2, 17), IMPLEMENTATIONS[:2] + IMPLEMENTATIONS[-1:]
+        lengths, mutant_lengths, impls = (1, 2, 3, 4, 17, 64), (2, 17), IMPLEMENTATIONS[:3] + IMPLEMENTATIONS[-1:]
     else:
         variants, seeds, dtypes = ("3.0", "3.1", "3.2"), (0, 1, 2, 3, 4), ("float32", "bfloat16", "float16")
         lengths, mutant_lengths, impls = (1, 2, 3, 4, 8, 17, 64, 256, 1024), (1, 2, 3, 17, 256), IMPLEMENTATIONS

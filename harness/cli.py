@@ -58,6 +58,11 @@ def _add_impl_options(p: argparse.ArgumentParser) -> None:
         "--vectorized", action="store_true", help="scratch: all heads of a layer at once (default: one at a time)"
     )
     p.add_argument(
+        "--attention",
+        choices=["sdpa"],
+        help="scratch: sdpa fuses the heads in torch's scaled_dot_product_attention (no scores or probs recorded)",
+    )
+    p.add_argument(
         "--weights-from",
         metavar="MODEL.gguf",
         help="every side (reference, oracle, implementation) on this GGUF's dequantized weights; the checkpoint gives "

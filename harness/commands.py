@@ -54,7 +54,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     if args.vectorized and args.impl != "scratch":
         raise HarnessError("--vectorized applies to --impl scratch only")
-    impl = resolve(args.impl, vectorized=args.vectorized, progress=wanted())
+    if args.attention and args.impl != "scratch":
+        raise HarnessError(f"--attention {args.attention} applies to --impl scratch only")
+    impl = resolve(args.impl, vectorized=args.vectorized, progress=wanted(), attention=args.attention)
     run = make_run(
         args.checkpoint,
         prompt=_prompt(args),
@@ -161,6 +163,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         progress=wanted(),
         impl=args.impl,
         vectorized=args.vectorized,
+        attention=args.attention,
         generate=args.generate,
         layers=args.layers,
         weights_from=args.weights_from,

@@ -39,15 +39,17 @@ class Implementation:
     precheck: Callable[[Any, str, str], None] | None = None  # (checkpoint, dtype, device): refusals before any work
 
 
-def builtin(name: str, *, vectorized: bool = False, oracle: bool = True, progress: bool = False) -> Implementation:
+def builtin(
+    name: str, *, vectorized: bool = False, oracle: bool = True, progress: bool = False, attention: str | None = None
+) -> Implementation:
     """The harness's own implementations: `scratch` (the notebook's forward) and `reference` (Hugging Face)."""
     if name == "scratch":
         from . import scratch
 
-        forward = functools.partial(scratch.forward, vectorized=vectorized, progress=progress)
-        return Implementation(
-            "scratch", forward, {"attention": "all heads at once" if vectorized else "one head at a time"}
-        )
+        forward = functools.partial(scratch.forward, vectorized=vectorized, progress=progress, attention=attention)
+        how = "all heads at once" if vectorized else "one head at a time"
+        how = "scaled_dot_product_attention (fused: no scores, no probs)" if attention == "sdpa" else how
+        return Implementation("scratch", forward, {"attention": how})
     if name == "reference":
         from . import reference
 

@@ -178,20 +178,17 @@ def attention(
     return stacked @ weights["attention.wo"].T  # [T, D]
 
 
-def attention_all_heads(
+def every_head(
     layer: int,
     x_norm: torch.Tensor,
     weights: dict[str, torch.Tensor],
     config: ModelConfig,
     freqs_cis: torch.Tensor,
-    mask: torch.Tensor,
-    cache: dict | None = None,
-    start_pos: int = 0,
-) -> torch.Tensor:
-    """The same attention with every head at once (batched matmuls, `forward(vectorized=True)`); same names recorded.
-
-    Agrees with the per-head loop within float32 rounding (tests/test_scratch.py). [T, D] -> [T, D].
-    """
+    cache: dict | None,
+    start_pos: int,
+) -> dict[str, torch.Tensor]:
+    """Every query head's q, k, v, rotated q and k [H, T, hd], and the keys and values it attends (`cache_k`,
+    `cache_v` [H, K, hd]: the step's own outside generation; in a generation step, the cache with the step's added)."""
     hd = config.head_dim
     kv = torch.tensor([kv_head_of(head, config) for head in range(config.n_heads)])  # [H]: each query head's KV head
     q = (x_norm @ weights["attention.wq"].T).unflatten(-1, (config.n_heads, hd)).transpose(-3, -2)  # [H, T, hd]
@@ -206,15 +203,66 @@ def attention_all_heads(
             cache, layer, *new_keys_values(x_norm, weights, config, freqs_cis), start_pos
         )
         keys, values = cache_k.index_select(-3, kv), cache_v.index_select(-3, kv)  # [H, K, hd]
+    return dict(q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, cache_k=keys, cache_v=values)
+
+
+def attention_all_heads(
+    layer: int,
+    x_norm: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    config: ModelConfig,
+    freqs_cis: torch.Tensor,
+    mask: torch.Tensor,
+    cache: dict | None = None,
+    start_pos: int = 0,
+) -> torch.Tensor:
+    """The same attention with every head at once (batched matmuls, `forward(vectorized=True)`); same names recorded.
+
+    Agrees with the per-head loop within float32 rounding (tests/test_scratch.py). [T, D] -> [T, D].
+    """
+    taps = every_head(layer, x_norm, weights, config, freqs_cis, cache, start_pos)
+    q_rotated, keys, values = taps["q_rotated"], taps["cache_k"], taps["cache_v"]  # [H, T, hd], [H, K, hd] x 2
     scores = (q_rotated @ keys.transpose(-2, -1)) / score_scale(config)  # [H, T, K] float32
     probs = torch.nn.functional.softmax(scores + mask.unsqueeze(-3), dim=-1).to(x_norm.dtype)  # [H, T, K], over keys
     output = probs @ values  # [H, T, hd]
     if is_tracing():
-        taps = dict(q=q, k=k, v=v, q_rotated=q_rotated, k_rotated=k_rotated, scores=scores, probs=probs, output=output)
-        taps.update(cache_k=keys, cache_v=values)  # [H, K, hd]: recorded in a generation step only
+        taps.update(scores=scores, probs=probs, output=output)  # cache_k, cache_v: recorded in a generation step only
         for head in range(config.n_heads):
             for part in head_parts(in_step=cache is not None):
                 record(head_name(layer, head, part), taps[part].select(-3, head))
+    stacked = output.transpose(-3, -2).flatten(-2)  # [T, H * hd]
+    return stacked @ weights["attention.wo"].T  # [T, D]
+
+
+def attention_sdpa(
+    layer: int,
+    x_norm: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    config: ModelConfig,
+    freqs_cis: torch.Tensor,
+    mask: torch.Tensor,
+    cache: dict | None = None,
+    start_pos: int = 0,
+) -> torch.Tensor:
+    """Fused attention, as most served models run it (`forward(attention="sdpa")`): every head at once through
+    `torch.nn.functional.scaled_dot_product_attention` in the working dtype, so no scores or probs exist to record
+    (the rest as `attention_all_heads`). A legitimate precision choice: it must pass. [T, D] -> [T, D]."""
+    taps = every_head(layer, x_norm, weights, config, freqs_cis, cache, start_pos)
+    q_rotated, keys, values = taps["q_rotated"], taps["cache_k"], taps["cache_v"]  # [H, T, hd], [H, K, hd] x 2
+    dtype = x_norm.dtype  # the fused kernel runs in the working dtype: q, k and the mask cast to it
+    output = torch.nn.functional.scaled_dot_product_attention(
+        q_rotated.to(dtype),
+        keys.to(dtype),
+        values,
+        attn_mask=mask.unsqueeze(-3).to(dtype),
+        scale=1 / score_scale(config),
+    )  # [H, T, hd]
+    if is_tracing():
+        taps.update(output=output)
+        for head in range(config.n_heads):
+            for part in head_parts(in_step=cache is not None):
+                if part in taps:  # no scores, no probs: fused
+                    record(head_name(layer, head, part), taps[part].select(-3, head))
     stacked = output.transpose(-3, -2).flatten(-2)  # [T, H * hd]
     return stacked @ weights["attention.wo"].T  # [T, D]
 
@@ -283,13 +331,15 @@ def forward(
     device: torch.device | str = "cpu",
     progress: bool = False,
     vectorized: bool = False,
+    attention: str | None = None,
     start_pos: int = 0,
     cache: dict | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tokens [T] -> logits [T, V], recording every canonical name (the harness records `tokens`).
 
-    `vectorized` computes all heads of a layer at once (same names, same values within float32 rounding). Each
+    `vectorized` computes all heads of a layer at once (same names, same values within float32 rounding);
+    `attention="sdpa"` fuses them in torch's scaled_dot_product_attention (no scores, no probs recorded). Each
     layer's input passes through `harness.layer_input`: in isolated mode it is the reference's input to that layer,
     so a bug is found in its own layer instead of drowned in drift; otherwise it is `x` itself.
     Generation (Meta's): `tokens` sit at positions start_pos .. start_pos + T - 1 and attend over a KV `cache` (a dict,
@@ -321,6 +371,7 @@ def forward(
 
         layers = tqdm(layers, desc="scratch", unit="layer", leave=False)
     heads = {"attend": attention_all_heads} if vectorized else {}  # one head at a time by default, as the notebook
+    heads = {"attend": attention_sdpa} if attention == "sdpa" else heads  # fused: no scores, no probs
     for layer in layers:
         if skip_layer(layer):  # --layers A:B, isolated: layer A's input comes from the reference
             continue

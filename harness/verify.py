@@ -95,6 +95,7 @@ def verify(
     progress: bool = False,
     impl: str | Forward = "scratch",
     vectorized: bool = False,
+    attention: str | None = None,
     generate: int = 0,
     layers: str | tuple[int, int] | None = None,
     prompts: list[str] | None = None,
@@ -108,9 +109,7 @@ def verify(
     from the embeddings to layer B - 1, its oracle and the implementation over the range alone (docs/any-size.md)."""
     parse_dtype(dtype)
     check_device(device)
-    if vectorized and impl != "scratch":
-        raise HarnessError("--vectorized applies to --impl scratch only")
-    implementation = resolve(impl, vectorized=vectorized, progress=progress)
+    implementation = _implementation(impl, vectorized, attention, progress)
     out = _out_folder(out)
     isolated = isolated or layers is not None  # a range is judged isolated: each layer on the reference's input
     given = dict(prompt=prompt, dtype=dtype, device=device, isolated=isolated, generate=generate, layers=layers)
@@ -133,6 +132,15 @@ def verify(
             )
     result.replaced = replaced
     return result
+
+
+def _implementation(impl: str | Forward, vectorized: bool, attention: str | None, progress: bool) -> Implementation:
+    """`--impl`, with the scratch forward's own options refused for any other."""
+    if vectorized and impl != "scratch":
+        raise HarnessError("--vectorized applies to --impl scratch only")
+    if attention and impl != "scratch":
+        raise HarnessError(f"--attention {attention} applies to --impl scratch only")
+    return resolve(impl, vectorized=vectorized, progress=progress, attention=attention)
 
 
 def _out_folder(out: str | Path) -> Path:
