@@ -362,9 +362,10 @@ def _name_worst_tokens(
     if tokens is None or token_text is None:
         return None
     token_texts = [token_text(t) for t in tokens]
+    texts_of = {b: [token_text(t) for t in ids] for b, ids in (batch_tokens or {}).items()}  # once per sequence
     for r in results:
         sequence = canon.split_batch(r.name)[0]
-        texts = token_texts if sequence is None else [token_text(t) for t in (batch_tokens or {}).get(sequence, [])]
+        texts = token_texts if sequence is None else texts_of.get(sequence, [])
         if r.worst_position is not None and r.worst_position < len(texts):
             r.worst_token = texts[r.worst_position]
     return token_texts
